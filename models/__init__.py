@@ -1,0 +1,1 @@
+"""The recommender: feature schema, tables, candidates, features, ranking, metrics, store."""

@@ -1,0 +1,34 @@
+"""Top-k ranking metrics with binary relevance: NDCG, Recall, HitRate and MAP at k."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+METRIC_NAMES = ("ndcg", "recall", "hitrate", "map")
+
+
+def ranking_metrics(recommended: Sequence[int], relevant: Iterable[int], k: int) -> dict[str, float]:
+    """Metrics of one ranked list against the set of relevant items (empty set: all zero)."""
+    rel_set = set(int(x) for x in relevant)
+    top = [int(x) for x in recommended[:k]]
+    if not rel_set:
+        return dict.fromkeys(METRIC_NAMES, 0.0)
+    hits = np.array([x in rel_set for x in top], dtype=np.float64)
+    discounts = 1.0 / np.log2(np.arange(2, len(top) + 2))
+    n_ideal = min(len(rel_set), k)
+    ideal = (1.0 / np.log2(np.arange(2, n_ideal + 2))).sum()
+    precision_at = np.cumsum(hits) / np.arange(1, len(top) + 1) if len(top) else hits
+    return {
+        "ndcg": float((hits * discounts).sum() / ideal),
+        "recall": float(hits.sum() / len(rel_set)),
+        "hitrate": float(hits.any()),
+        "map": float((precision_at * hits).sum() / n_ideal),
+    }
+
+
+def mean_metrics(per_user: list[dict[str, float]]) -> dict[str, float]:
+    if not per_user:
+        return dict.fromkeys(METRIC_NAMES, 0.0)
+    return {m: float(np.mean([row[m] for row in per_user])) for m in METRIC_NAMES}

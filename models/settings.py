@@ -1,0 +1,51 @@
+"""Serving settings: one pydantic-settings class, read from `RECSYS_*` environment variables.
+
+Model parameters (candidate counts, recency weights) are not settings: they are part of a
+model version and travel in its metadata, so a version always serves the way it was trained.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL_NAME = "recsys-ranker"
+
+
+class RecsysSettings(BaseSettings):
+    """Settings of the API and ranking services. Each field is `RECSYS_<NAME>` in the env."""
+
+    model_config = SettingsConfigDict(env_prefix="RECSYS_", extra="ignore")
+
+    model_name: str = Field(DEFAULT_MODEL_NAME, description="Model name in the BentoML store.")
+    model_tag: str | None = Field(
+        None, description="Exact tag (name:version) to serve; default: the newest version."
+    )
+
+    # The ranking service (the "runner").
+    ranker_workers: int = Field(1, ge=1, description="Worker processes of the ranking service.")
+    ranker_cpu: int = Field(1, ge=1, description="CPUs the ranking service declares.")
+    nthread: int = Field(1, ge=1, description="XGBoost threads per worker (1 wins for small batches).")
+    max_batch_size: int = Field(
+        4096, gt=1, description="Adaptive batching limit in feature rows (a /recommend call is ~200)."
+    )
+    max_latency_ms: int = Field(
+        1000, ge=1, description="Adaptive batching latency budget; too small sheds load with 503."
+    )
+    # BentoML 1.4 recycles the caller's connection to a dependency every 100 requests and
+    # closes it with requests in flight (500 "Server disconnected" under bursts). Large
+    # limits keep one connection alive; see ../shared/NOTES.md.
+    runner_max_requests: int = Field(10_000_000, ge=1, description="Requests per runner connection.")
+    runner_max_age_s: float = Field(1e9, gt=0, description="Age limit of a runner connection.")
+
+    # The public API service.
+    api_workers: int = Field(1, ge=1, description="Worker processes of the API service.")
+    traffic_timeout_s: float = Field(30.0, gt=0, description="Request timeout of both services.")
+    max_k: int = Field(100, ge=1, description="Largest k accepted by /recommend.")
+    max_rank_items: int = Field(1000, ge=1, description="Most item_ids accepted by /rank.")
+    max_score_rows: int = Field(10_000, ge=1, description="Most rows accepted by /score.")
+
+    @property
+    def resolved_tag(self) -> str:
+        """The tag to load: the exact one if set, otherwise `<model_name>:latest`."""
+        return self.model_tag or f"{self.model_name}:latest"

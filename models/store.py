@@ -1,0 +1,136 @@
+"""Model-store helpers: save a trained version (booster, serving tables, report, manifest)
+into the BentoML model store, and open one for serving with its checks.
+
+A version holds no pickle: the booster is UBJ, the tables Parquet and NPZ, the manifest
+JSON. The manifest records a SHA-256 digest of every file; opening a version verifies
+them and the feature-schema hash, so a damaged or incompatible model is never served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import bentoml
+import numpy as np
+import xgboost as xgb
+from bentoml.exceptions import NotFound
+
+from models.params import CandidateParams
+from models.schema import SCHEMA_HASH
+from models.tables import ServingTables
+
+BOOSTER_FILE = "ranker.ubj"
+MANIFEST_FILE = "manifest.json"
+_BENTOML_OWN_FILES = {"model.yaml"}
+
+
+class ModelCheckError(RuntimeError):
+    """A model version that must not be served; the message names the tag and the check."""
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {
+        p.name: file_digest(p)
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name not in _BENTOML_OWN_FILES | {MANIFEST_FILE}
+    }
+
+
+def save_version(
+    name: str,
+    booster: xgb.Booster,
+    tables: ServingTables,
+    metadata: dict[str, Any],
+    labels: dict[str, str],
+    write_extra: Callable[[Path], None] | None = None,
+) -> str:
+    """Write one new version and return its tag. Everything is written into BentoML's
+    temporary folder first and only copied into the store when all of it succeeded, so a
+    failed run leaves the store as it was."""
+    with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
+        folder = Path(model.path)
+        booster.save_model(str(folder / BOOSTER_FILE))
+        tables.save(folder)
+        if write_extra is not None:
+            write_extra(folder)
+        manifest = {"schema_hash": SCHEMA_HASH, "files": _digests(folder)}
+        (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return str(model.tag)
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """A checked model version: where it is and what it says about itself."""
+
+    tag: str
+    path: Path
+    metadata: dict[str, Any]
+    creation_time: str
+
+    @property
+    def params(self) -> CandidateParams:
+        return CandidateParams.from_dict(self.metadata["params"]["candidates"])
+
+    def load_tables(self) -> ServingTables:
+        return ServingTables.load(self.path)
+
+    def load_booster(self, nthread: int) -> xgb.Booster:
+        booster = xgb.Booster(model_file=str(self.path / BOOSTER_FILE))
+        booster.set_param({"nthread": nthread})
+        return booster
+
+
+def check_version(model: bentoml.Model) -> ModelVersion:
+    """Verify a stored model's schema hash and file digests; raise ModelCheckError if not."""
+    tag = str(model.tag)
+    folder = Path(model.path)
+    metadata = dict(model.info.metadata)
+    model_hash = metadata.get("schema_hash")
+    if model_hash != SCHEMA_HASH:
+        raise ModelCheckError(
+            f"model {tag}: schema hash check failed: the model was trained with {model_hash!r}, "
+            f"this code builds {SCHEMA_HASH!r}; retrain, or serve with the code of that model"
+        )
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise ModelCheckError(f"model {tag}: manifest check failed: {MANIFEST_FILE}: {err}") from err
+    expected: dict[str, str] = manifest.get("files", {})
+    for fname, digest in sorted(expected.items()):
+        path = folder / fname
+        if not path.is_file():
+            raise ModelCheckError(f"model {tag}: file check failed: {fname} is missing")
+        if file_digest(path) != digest:
+            raise ModelCheckError(f"model {tag}: digest check failed: {fname} is corrupted or truncated")
+    return ModelVersion(tag, folder, metadata, model.info.creation_time.isoformat())
+
+
+def open_version(tag: str) -> ModelVersion:
+    """Find `tag` (name:version or name:latest) in the local store and check it."""
+    try:
+        model = bentoml.models.get(tag)
+    except NotFound as err:
+        raise ModelCheckError(
+            f"model {tag}: not found in the BentoML store; train one with `python -m training`"
+        ) from err
+    return check_version(model)
+
+
+def predict_scores(booster: xgb.Booster, features: np.ndarray) -> np.ndarray:
+    """Relevance scores for a float32 feature matrix in schema order (higher is better)."""
+    if len(features) == 0:
+        return np.zeros(0, dtype=np.float32)
+    return np.asarray(booster.inplace_predict(features), dtype=np.float32).reshape(-1)

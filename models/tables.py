@@ -1,0 +1,223 @@
+"""Serving tables: everything candidate generation and feature building read, built from a
+history of interactions, and saved in open formats (Parquet, NPZ) inside a model version.
+
+Training builds one set per time window (so features only see the past of the labels they
+are paired with); the saved set is built from all interactions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from models.interactions import InteractionLog, ItemCatalog
+from models.params import CandidateParams
+from models.schema import ITEM_FEATURES, USER_FEATURES
+
+ITEMS_FILE = "items.parquet"
+USERS_FILE = "users.parquet"
+ARRAYS_FILE = "arrays.npz"
+UNKNOWN_YEAR = -1.0
+
+
+@dataclass(frozen=True)
+class ServingTables:
+    """Item and user tables, user histories and the co-occurrence index, all dense-indexed."""
+
+    item_ids: np.ndarray  # str (I,)
+    titles: np.ndarray  # str (I,)
+    genres: np.ndarray  # str (I,)
+    item_feats: np.ndarray  # float32 (I, len(ITEM_FEATURES))
+    item_genre: np.ndarray  # float32 (I, G), unit rows
+    pop_order: np.ndarray  # int32 (I,): items by popularity, most popular first
+    pop_rank: np.ndarray  # int32 (I,): position of each item in pop_order
+    user_ids: np.ndarray  # str (U,)
+    user_feats: np.ndarray  # float32 (U, len(USER_FEATURES))
+    user_genre: np.ndarray  # float32 (U, G), unit rows
+    hist_indptr: np.ndarray  # int64 (U+1,): CSR of each user's items in time order
+    hist_items: np.ndarray  # int32
+    cooc_indptr: np.ndarray  # int64 (I+1,): CSR of each item's neighbours, best first
+    cooc_items: np.ndarray  # int32
+    cooc_scores: np.ndarray  # float32
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ids)
+
+    def history(self, user: int) -> np.ndarray:
+        """The user's items, oldest first."""
+        return self.hist_items[self.hist_indptr[user] : self.hist_indptr[user + 1]]
+
+    def nbytes(self) -> int:
+        return sum(
+            v.nbytes for v in vars(self).values() if isinstance(v, np.ndarray) and v.dtype != object
+        )
+
+    # -- persistence ---------------------------------------------------------------------
+
+    def save(self, folder: str | Path) -> list[str]:
+        """Write the tables into `folder`; returns the file names written."""
+        folder = Path(folder)
+        items = pd.DataFrame(
+            {"item_id": self.item_ids, "title": self.titles, "genres": self.genres}
+        )
+        for j, name in enumerate(ITEM_FEATURES):
+            items[name] = self.item_feats[:, j]
+        items["pop_rank"] = self.pop_rank
+        items.to_parquet(folder / ITEMS_FILE, index=False)
+        users = pd.DataFrame({"user_id": self.user_ids})
+        for j, name in enumerate(USER_FEATURES):
+            users[name] = self.user_feats[:, j]
+        users.to_parquet(folder / USERS_FILE, index=False)
+        np.savez(
+            folder / ARRAYS_FILE,
+            item_genre=self.item_genre,
+            user_genre=self.user_genre,
+            hist_indptr=self.hist_indptr,
+            hist_items=self.hist_items,
+            cooc_indptr=self.cooc_indptr,
+            cooc_items=self.cooc_items,
+            cooc_scores=self.cooc_scores,
+        )
+        return [ITEMS_FILE, USERS_FILE, ARRAYS_FILE]
+
+    @classmethod
+    def load(cls, folder: str | Path) -> ServingTables:
+        folder = Path(folder)
+        items = pd.read_parquet(folder / ITEMS_FILE)
+        users = pd.read_parquet(folder / USERS_FILE)
+        # allow_pickle=False: a model folder must never make us unpickle anything.
+        with np.load(folder / ARRAYS_FILE, allow_pickle=False) as arrays:
+            a = {k: arrays[k] for k in arrays.files}
+        pop_rank = items["pop_rank"].to_numpy(dtype=np.int32)
+        return cls(
+            item_ids=items["item_id"].to_numpy(dtype=str),
+            titles=items["title"].to_numpy(dtype=str),
+            genres=items["genres"].to_numpy(dtype=str),
+            item_feats=items[list(ITEM_FEATURES)].to_numpy(dtype=np.float32),
+            item_genre=a["item_genre"],
+            pop_order=np.argsort(pop_rank).astype(np.int32),
+            pop_rank=pop_rank,
+            user_ids=users["user_id"].to_numpy(dtype=str),
+            user_feats=users[list(USER_FEATURES)].to_numpy(dtype=np.float32),
+            user_genre=a["user_genre"],
+            hist_indptr=a["hist_indptr"],
+            hist_items=a["hist_items"],
+            cooc_indptr=a["cooc_indptr"],
+            cooc_items=a["cooc_items"],
+            cooc_scores=a["cooc_scores"],
+        )
+
+
+def _per_user_mean(user: np.ndarray, values: np.ndarray, n_users: int, default: float) -> np.ndarray:
+    weight = np.bincount(user, minlength=n_users).astype(np.float64)
+    total = np.bincount(user, weights=values, minlength=n_users)
+    return np.where(weight > 0, total / np.maximum(weight, 1), default)
+
+
+def build_cooc_index(
+    history: InteractionLog, n_items: int, params: CandidateParams
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Item-to-item co-occurrence within `cooc_window` steps of each user's timeline,
+    weighted 1/distance, cosine-normalised by item counts; the best `cooc_neighbors` per item.
+    """
+    user, item = history.user, history.item
+    keys_parts: list[np.ndarray] = []
+    weight_parts: list[np.ndarray] = []
+    for d in range(1, params.cooc_window + 1):
+        if d >= len(user):
+            break
+        same = user[d:] == user[:-d]
+        a = item[:-d][same].astype(np.int64)
+        b = item[d:][same].astype(np.int64)
+        distinct = a != b
+        a, b = a[distinct], b[distinct]
+        keys_parts += [a * n_items + b, b * n_items + a]
+        w = np.full(2 * len(a), 1.0 / d, dtype=np.float64)
+        weight_parts.append(w)
+    if not keys_parts:
+        empty = np.zeros(0, dtype=np.int32)
+        return np.zeros(n_items + 1, dtype=np.int64), empty, empty.astype(np.float32)
+    keys = np.concatenate(keys_parts)
+    weights = np.concatenate(weight_parts)
+    uniq, inverse = np.unique(keys, return_inverse=True)
+    counts = np.bincount(inverse, weights=weights)
+    src = (uniq // n_items).astype(np.int32)
+    dst = (uniq % n_items).astype(np.int32)
+    item_count = np.bincount(item, minlength=n_items).astype(np.float64)
+    score = counts / np.sqrt(np.maximum(item_count[src], 1) * np.maximum(item_count[dst], 1))
+    order = np.lexsort((-score, src))
+    src, dst, score = src[order], dst[order], score[order]
+    starts = np.searchsorted(src, np.arange(n_items))
+    rank_in_src = np.arange(len(src)) - starts[src]
+    keep = rank_in_src < params.cooc_neighbors
+    src, dst, score = src[keep], dst[keep], score[keep]
+    indptr = np.concatenate(([0], np.cumsum(np.bincount(src, minlength=n_items)))).astype(np.int64)
+    return indptr, dst.astype(np.int32), score.astype(np.float32)
+
+
+def build_tables(
+    history: InteractionLog, catalog: ItemCatalog, genre_names: list[str], params: CandidateParams
+) -> ServingTables:
+    """Build every serving table from `history` alone (it is the past of what is predicted)."""
+    n_items, n_users = catalog.n_items, history.n_users
+    user, item = history.user, history.item
+
+    count = np.bincount(item, minlength=n_items).astype(np.float64)
+    if len(history):
+        cutoff = np.quantile(history.ts, params.recent_quantile)
+        recent = np.bincount(item[history.ts >= cutoff], minlength=n_items).astype(np.float64)
+    else:
+        recent = np.zeros(n_items)
+    rated = ~np.isnan(history.rating)
+    rating_sum = np.bincount(item[rated], weights=history.rating[rated], minlength=n_items)
+    rating_n = np.bincount(item[rated], minlength=n_items)
+    mean_rating = np.where(rating_n > 0, rating_sum / np.maximum(rating_n, 1), 0.0)
+    years = catalog.years.astype(np.float64)
+    item_feats = np.column_stack([np.log1p(count), np.log1p(recent), years, mean_rating])
+    # Ties in popularity are broken by recent popularity, then by index, so order is stable.
+    pop_order = np.lexsort((np.arange(n_items), -recent, -count)).astype(np.int32)
+    pop_rank = np.empty(n_items, dtype=np.int32)
+    pop_rank[pop_order] = np.arange(n_items, dtype=np.int32)
+
+    user_count = np.bincount(user, minlength=n_users).astype(np.float64)
+    known_year = years[item] >= 0
+    user_year = _per_user_mean(user[known_year], years[item][known_year], n_users, UNKNOWN_YEAR)
+    user_pop = _per_user_mean(user, np.log1p(count[item]), n_users, 0.0)
+    user_feats = np.column_stack([np.log1p(user_count), user_pop, user_year])
+
+    item_genre = catalog.genre_matrix(genre_names)
+    user_genre = np.zeros((n_users, item_genre.shape[1]), dtype=np.float32)
+    # Add genre rows per user in chunks: one (rows, G) temporary at a time, not the whole log.
+    chunk = 1_000_000
+    for start in range(0, len(user), chunk):
+        np.add.at(user_genre, user[start : start + chunk], item_genre[item[start : start + chunk]])
+    norms = np.linalg.norm(user_genre, axis=1, keepdims=True)
+    user_genre = np.divide(user_genre, norms, out=np.zeros_like(user_genre), where=norms > 0)
+
+    hist_indptr = np.concatenate(([0], np.cumsum(user_count.astype(np.int64)))).astype(np.int64)
+    cooc_indptr, cooc_items, cooc_scores = build_cooc_index(history, n_items, params)
+    return ServingTables(
+        item_ids=catalog.item_ids,
+        titles=catalog.titles,
+        genres=catalog.genres,
+        item_feats=item_feats.astype(np.float32),
+        item_genre=item_genre,
+        pop_order=pop_order,
+        pop_rank=pop_rank,
+        user_ids=history.user_ids,
+        user_feats=user_feats.astype(np.float32),
+        user_genre=user_genre,
+        hist_indptr=hist_indptr,
+        hist_items=item.astype(np.int32),
+        cooc_indptr=cooc_indptr,
+        cooc_items=cooc_items,
+        cooc_scores=cooc_scores,
+    )

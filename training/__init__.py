@@ -1,0 +1,1 @@
+"""Training pipeline for the recommender: `python -m training --help`."""
