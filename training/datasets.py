@@ -106,13 +106,17 @@ def synthetic(
     n = len(user)
     first = np.concatenate(([True], user[1:] != user[:-1]))
 
-    # Each user's 3 favourite topics with Dirichlet weights; a jump picks one of them.
-    favourites = rng.integers(0, n_topics, (n_users, 3))
+    # Each user's 3 favourite topics with Dirichlet weights; a jump picks one of them, or,
+    # with probability 0.3, any topic by its overall popularity (exploration).
+    topic_pop = rng.dirichlet(np.full(n_topics, 0.5))
+    favourites = rng.choice(n_topics, size=(n_users, 3), p=topic_pop)
     fav_weights = rng.dirichlet(np.ones(3), n_users)
     jump = first | (rng.random(n) > 0.75)
     u = rng.random(n)
     choice = (u[:, None] > np.cumsum(fav_weights[user], axis=1)).sum(axis=1).clip(0, 2)
     jump_topic = favourites[user, choice]
+    explore = rng.random(n) < 0.3
+    jump_topic[explore] = rng.choice(n_topics, size=int(explore.sum()), p=topic_pop)
     last_jump = np.maximum.accumulate(np.where(jump, np.arange(n), 0))
     topic = jump_topic[last_jump]
 
@@ -197,7 +201,7 @@ def _timestamps(frame: pd.DataFrame, path: Path, column: str) -> np.ndarray:
     numeric = pd.to_numeric(values, errors="coerce")
     if numeric.notna().all():
         return numeric.to_numpy(dtype=np.float64).astype(np.int64)
-    parsed = pd.to_datetime(values, errors="coerce", utc=True)
+    parsed = pd.to_datetime(values, errors="coerce", utc=True, format="ISO8601")
     bad = parsed.isna()
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])

@@ -1,0 +1,88 @@
+"""Request and response types of the public API, as pydantic types (no BentoML here).
+
+Validation lives in the types, so BentoML answers 400 with the field and the rule, and the
+OpenAPI document (`/docs.json`) shows every limit.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import AllowInfNan, BaseModel, BeforeValidator, ConfigDict, Field, create_model
+from pydantic_core import InitErrorDetails, PydanticCustomError, ValidationError
+
+from models.schema import FEATURES
+
+
+def _id_as_string(value: Any) -> Any:
+    """Ids are strings; integer ids (MovieLens' 1, 318, ...) are accepted and converted.
+    Booleans and floats are not ids: they are left for pydantic to reject."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+ExternalId = Annotated[
+    str,
+    BeforeValidator(_id_as_string),
+    Field(min_length=1, max_length=256, description="An id (string; integers are accepted)."),
+]
+FiniteFloat = Annotated[float, AllowInfNan(False)]
+
+
+class RecommendedItem(BaseModel):
+    item_id: str
+    score: float | None = Field(description="Ranker score; null when a fallback answered.")
+    rank: int = Field(description="1-based position.")
+    title: str
+    genres: list[str]
+
+
+class RecommendResponse(BaseModel):
+    user_id: str
+    items: list[RecommendedItem]
+    model_tag: str
+    fallback: bool = Field(description="True when the ranker did not answer (cold start).")
+    fallback_reason: str | None = None
+
+
+class RankResponse(BaseModel):
+    user_id: str
+    items: list[RecommendedItem]
+    model_tag: str
+    cold_start: bool = Field(description="True when the user is unknown: no history was used.")
+
+
+class ScoreResponse(BaseModel):
+    scores: list[float]
+    model_tag: str
+
+
+class ModelResponse(BaseModel):
+    tag: str
+    creation_time: str
+    metrics: dict[str, Any]
+    dataset: dict[str, Any]
+    feature_schema: list[dict[str, str]]
+    schema_hash: str
+    params: dict[str, Any]
+    code_version: str
+    versions: dict[str, str]
+
+
+# One field per schema feature, in schema order; unknown columns are rejected.
+FeatureRow = create_model(  # type: ignore[call-overload]
+    "FeatureRow",
+    __config__=ConfigDict(extra="forbid"),
+    **{f.name: (FiniteFloat, Field(description=f.description)) for f in FEATURES},
+)
+
+
+def input_error(field: str, error_type: str, reason: str) -> ValidationError:
+    """A 400 in the same shape as BentoML's own validation errors
+    ({"error": ..., "detail": [{"type", "loc", "msg"}]}). Raising BentoML's InvalidArgument
+    instead gives a differently shaped body (a list) in 1.4.40."""
+    detail = InitErrorDetails(
+        type=PydanticCustomError(error_type, "{reason}", {"reason": reason}), loc=(field,), input=None
+    )
+    return ValidationError.from_exception_data("Input", [detail])

@@ -1,0 +1,92 @@
+"""The serving-side recommender, without BentoML: resolve ids, generate candidates, build
+features, and turn scores into ranked items. The API service calls it around the ranking
+service, which only scores feature matrices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from models.candidates import cooc_scores, generate_candidates, recent_items
+from models.features import build_features
+from models.params import CandidateParams
+from models.ranking import top_k
+from models.tables import ServingTables
+
+
+class UnknownItemsError(ValueError):
+    """Item ids that are not in the model's catalog."""
+
+    def __init__(self, unknown: list[str]) -> None:
+        self.unknown = unknown
+        shown = unknown[:20]
+        more = f" and {len(unknown) - len(shown)} more" if len(unknown) > len(shown) else ""
+        super().__init__(
+            f"item_ids: unknown item ids {shown}{more} (rule: every id must be in the model's catalog)"
+        )
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What the ranking service must score for one request."""
+
+    user: int | None  # None: unknown user (cold start)
+    items: np.ndarray  # int32 item indices
+    features: np.ndarray  # float32 (len(items), N_FEATURES)
+
+
+class Recommender:
+    """Serving tables plus their indexes. Stateless per request and safe to share."""
+
+    def __init__(self, tables: ServingTables, params: CandidateParams) -> None:
+        self.tables = tables
+        self.params = params
+        self._user_index = {uid: i for i, uid in enumerate(tables.user_ids.tolist())}
+        self._item_index = {iid: i for i, iid in enumerate(tables.item_ids.tolist())}
+        self._genres = [g.split("|") if g else [] for g in tables.genres.tolist()]
+        self._titles = tables.titles.tolist()
+        self._item_ids = tables.item_ids.tolist()
+
+    def user_index(self, user_id: str) -> int | None:
+        return self._user_index.get(user_id)
+
+    def item_indices(self, item_ids: list[str]) -> np.ndarray:
+        idx = [self._item_index.get(i, -1) for i in item_ids]
+        unknown = [i for i, j in zip(item_ids, idx) if j < 0]
+        if unknown:
+            raise UnknownItemsError(list(dict.fromkeys(unknown)))
+        return np.asarray(idx, dtype=np.int32)
+
+    def prepare_recommend(self, user: int, exclude_seen: bool) -> Prepared:
+        items, cooc = generate_candidates(self.tables, user, self.params, exclude_seen)
+        return Prepared(user, items, build_features(self.tables, user, items, cooc))
+
+    def prepare_rank(self, user: int | None, items: np.ndarray) -> Prepared:
+        cooc = cooc_scores(self.tables, recent_items(self.tables, user, self.params), self.params)
+        return Prepared(user, items, build_features(self.tables, user, items, cooc))
+
+    def popular(self, k: int) -> np.ndarray:
+        return self.tables.pop_order[:k]
+
+    def describe(self, items: np.ndarray, scores: np.ndarray | None) -> list[dict[str, Any]]:
+        """Response rows: id, score, rank (1-based) and attributes, in the given order."""
+        rows = []
+        for r, i in enumerate(items.tolist()):
+            rows.append(
+                {
+                    "item_id": self._item_ids[i],
+                    "score": float(scores[r]) if scores is not None else None,
+                    "rank": r + 1,
+                    "title": self._titles[i],
+                    "genres": self._genres[i],
+                }
+            )
+        return rows
+
+    def ranked(self, prepared: Prepared, scores: np.ndarray, k: int) -> list[dict[str, Any]]:
+        items, top_scores = top_k(prepared.items, scores, k)
+        return self.describe(items, top_scores)
+

@@ -1,0 +1,157 @@
+"""The recommender as two BentoML services: `RankerService` (the runner: scores feature
+matrices with adaptive batching, its own workers and resources) behind `ApiService` (the
+public API: candidates, features, ranking, fallbacks). `bentoml serve service:ApiService`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import bentoml
+import numpy as np
+from bentoml.exceptions import InvalidArgument, ServiceUnavailable
+from pydantic import Field
+
+from models.api_schema import (
+    ExternalId,
+    FeatureRow,
+    ModelResponse,
+    RankResponse,
+    RecommendResponse,
+    ScoreResponse,
+    input_error,
+)
+from models.recommender import Recommender, UnknownItemsError
+from models.schema import FEATURE_DTYPE, FEATURE_NAMES, N_FEATURES
+from models.settings import RecsysSettings
+from models.store import open_version, predict_scores
+
+settings = RecsysSettings()  # configuration only: decorators below need it at import
+
+
+@bentoml.service(
+    workers=settings.ranker_workers,
+    resources={"cpu": str(settings.ranker_cpu)},
+    traffic={"timeout": settings.traffic_timeout_s},
+    runner_connection={"max_requests": settings.runner_max_requests, "max_age": settings.runner_max_age_s},
+)
+class RankerService:
+    """Scores (n, N_FEATURES) float32 matrices with the XGBoost ranker."""
+
+    bento_model = bentoml.models.BentoModel(settings.resolved_tag)
+
+    def __init__(self) -> None:
+        version = open_version(str(type(self).bento_model.tag))
+        self.tag = version.tag
+        self.booster = version.load_booster(settings.nthread)
+
+    # numpy, not DataFrame: BentoML 1.4's batchable DataFrame inputs are broken
+    # (get_batch_size returns a shape tuple); see ../shared/NOTES.md.
+    @bentoml.api(
+        batchable=True,
+        batch_dim=0,
+        max_batch_size=settings.max_batch_size,
+        max_latency_ms=settings.max_latency_ms,
+    )
+    def score(self, features: np.ndarray) -> np.ndarray:
+        if features.ndim != 2 or features.shape[1] != N_FEATURES:
+            raise InvalidArgument(f"features: shape {features.shape}, expected (n, {N_FEATURES})")
+        return predict_scores(self.booster, features.astype(FEATURE_DTYPE, copy=False))
+
+    @bentoml.api
+    def model_tag(self) -> str:
+        return self.tag
+
+
+@bentoml.service(workers=settings.api_workers, traffic={"timeout": settings.traffic_timeout_s})
+class ApiService:
+    """The public recommendation API."""
+
+    ranker = bentoml.depends(RankerService)
+    bento_model = bentoml.models.BentoModel(settings.resolved_tag)
+
+    def __init__(self) -> None:
+        self.version = open_version(str(type(self).bento_model.tag))
+        self.recommender = Recommender(self.version.load_tables(), self.version.params)
+        self._ranker_checked = False
+
+    async def _score(self, features: np.ndarray) -> np.ndarray:
+        if not self._ranker_checked:
+            # Both services resolve the tag on their own; refuse to mix versions.
+            ranker_tag = await self.ranker.to_async.model_tag()
+            if ranker_tag != self.version.tag:
+                raise ServiceUnavailable(
+                    f"model mismatch: the ranking service serves {ranker_tag}, the API {self.version.tag}"
+                )
+            self._ranker_checked = True
+        if len(features) == 0:
+            return np.zeros(0, dtype=FEATURE_DTYPE)
+        return np.asarray(await self.ranker.to_async.score(features))
+
+    @bentoml.api
+    async def recommend(
+        self,
+        user_id: ExternalId,
+        k: Annotated[int, Field(ge=1, le=settings.max_k, description="How many items.")] = 10,
+        exclude_seen: bool = True,
+    ) -> RecommendResponse:
+        """Top-k items for a user; unknown users get the most popular items (a fallback)."""
+        user = self.recommender.user_index(user_id)
+        if user is None:
+            items = self.recommender.describe(self.recommender.popular(k), None)
+            return RecommendResponse(
+                user_id=user_id, items=items, model_tag=self.version.tag,
+                fallback=True, fallback_reason="unknown user: most popular items",
+            )  # fmt: skip
+        prepared = self.recommender.prepare_recommend(user, exclude_seen)
+        scores = await self._score(prepared.features)
+        return RecommendResponse(
+            user_id=user_id, items=self.recommender.ranked(prepared, scores, k),
+            model_tag=self.version.tag, fallback=False,
+        )  # fmt: skip
+
+    @bentoml.api
+    async def rank(
+        self,
+        user_id: ExternalId,
+        item_ids: Annotated[list[ExternalId], Field(min_length=1, max_length=settings.max_rank_items)],
+    ) -> RankResponse:
+        """The given items ordered by the ranker's score for this user. Unknown item ids are
+        a 400 naming them; an unknown user is ranked without history (cold_start)."""
+        try:
+            items = self.recommender.item_indices(item_ids)
+        except UnknownItemsError as err:
+            raise input_error("item_ids", "unknown_item_ids", str(err)) from err
+        user = self.recommender.user_index(user_id)
+        prepared = self.recommender.prepare_rank(user, items)
+        scores = await self._score(prepared.features)
+        return RankResponse(
+            user_id=user_id, items=self.recommender.ranked(prepared, scores, len(items)),
+            model_tag=self.version.tag, cold_start=user is None,
+        )  # fmt: skip
+
+    @bentoml.api
+    async def score(
+        self,
+        rows: Annotated[list[FeatureRow], Field(min_length=1, max_length=settings.max_score_rows)],  # type: ignore[valid-type]
+    ) -> ScoreResponse:
+        """Ranker scores for rows of raw features, one field per schema feature."""
+        matrix = np.array([[getattr(r, n) for n in FEATURE_NAMES] for r in rows], dtype=FEATURE_DTYPE)
+        scores = await self._score(matrix)
+        return ScoreResponse(scores=scores.tolist(), model_tag=self.version.tag)
+
+    @bentoml.api(route="/model")
+    def model_info(self) -> ModelResponse:
+        """The served model version: tag, creation time, metrics, dataset and schema."""
+        meta: dict[str, Any] = self.version.metadata
+        return ModelResponse(
+            tag=self.version.tag,
+            creation_time=self.version.creation_time,
+            metrics=meta["metrics"],
+            dataset=meta["dataset"],
+            feature_schema=meta["feature_schema"],
+            schema_hash=meta["schema_hash"],
+            params=meta["params"],
+            code_version=meta["code_version"],
+            versions=meta["versions"],
+        )
