@@ -1,0 +1,221 @@
+"""A real `bentoml serve service:ApiService` (API + ranking service) on 127.0.0.1, called
+with BentoML's SDK clients; answers are checked against the same model run in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import bentoml
+import httpx
+import numpy as np
+import pytest
+
+from models.recommender import Recommender
+from models.schema import FEATURE_NAMES
+from models.store import BOOSTER_FILE, ModelVersion, open_version, predict_scores
+from tests.helpers import PROJECT_ROOT, ServerProcess, start_server
+from training.pipeline import TrainResult
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def version(trained: TrainResult) -> ModelVersion:
+    assert trained.tag is not None
+    return open_version(trained.tag)
+
+
+@pytest.fixture(scope="module")
+def local(version: ModelVersion) -> Recommender:
+    return Recommender(version.load_tables(), version.params)
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProcess) -> Iterator[bentoml.SyncHTTPClient]:
+    with bentoml.SyncHTTPClient(server.url, server_ready_timeout=60) as c:
+        yield c
+
+
+def expected_recommendation(
+    version: ModelVersion, local: Recommender, user_id: str, k: int, exclude_seen: bool
+) -> list[dict[str, Any]]:
+    user = local.user_index(user_id)
+    assert user is not None
+    prepared = local.prepare_recommend(user, exclude_seen)
+    scores = predict_scores(version.load_booster(nthread=1), prepared.features)
+    return local.ranked(prepared, scores, k)
+
+
+@pytest.mark.parametrize("exclude_seen", [True, False])
+@pytest.mark.parametrize("k", [1, 10, 100])
+def test_recommend_matches_the_in_process_pipeline(
+    client: bentoml.SyncHTTPClient, version: ModelVersion, local: Recommender, k: int, exclude_seen: bool
+) -> None:
+    for user_id in local.tables.user_ids[[0, 7, 123]]:
+        got = client.recommend(user_id=str(user_id), k=k, exclude_seen=exclude_seen)
+        want = expected_recommendation(version, local, str(user_id), k, exclude_seen)
+        assert got["model_tag"] == version.tag and got["fallback"] is False
+        assert [i["item_id"] for i in got["items"]] == [i["item_id"] for i in want]
+        assert np.allclose([i["score"] for i in got["items"]], [i["score"] for i in want], atol=1e-5)
+        assert [i["rank"] for i in got["items"]] == list(range(1, len(want) + 1))
+        scores = [i["score"] for i in got["items"]]
+        assert scores == sorted(scores, reverse=True)
+        if exclude_seen:
+            seen = set(local.tables.item_ids[local.tables.history(local.user_index(str(user_id)))])
+            assert not seen & {i["item_id"] for i in got["items"]}
+
+
+def test_unknown_user_gets_the_popularity_fallback(
+    client: bentoml.SyncHTTPClient, local: Recommender
+) -> None:
+    got = client.recommend(user_id="someone-new", k=5)
+    assert got["fallback"] is True and "unknown user" in got["fallback_reason"]
+    assert [i["item_id"] for i in got["items"]] == local.tables.item_ids[local.popular(5)].tolist()
+    assert all(i["score"] is None for i in got["items"])
+
+
+def test_integer_user_ids_are_accepted(client: bentoml.SyncHTTPClient) -> None:
+    got = client.recommend(user_id=12345, k=3)  # not a user of this model: a fallback
+    assert got["user_id"] == "12345" and got["fallback"] is True
+
+
+def test_rank_orders_the_given_items(client: bentoml.SyncHTTPClient, local: Recommender) -> None:
+    user_id = str(local.tables.user_ids[3])
+    item_ids = local.tables.item_ids[[5, 50, 17, 99, 0]].tolist()
+    got = client.rank(user_id=user_id, item_ids=item_ids)
+    assert sorted(i["item_id"] for i in got["items"]) == sorted(item_ids)
+    scores = [i["score"] for i in got["items"]]
+    assert scores == sorted(scores, reverse=True) and got["cold_start"] is False
+    assert client.rank(user_id="stranger", item_ids=item_ids)["cold_start"] is True
+
+
+def test_score_equals_the_booster(client: bentoml.SyncHTTPClient, version: ModelVersion, local: Recommender) -> None:
+    prepared = local.prepare_recommend(0, exclude_seen=True)
+    rows = [dict(zip(FEATURE_NAMES, map(float, r))) for r in prepared.features[:25]]
+    got = client.score(rows=rows)
+    want = predict_scores(version.load_booster(nthread=1), prepared.features[:25])
+    assert np.allclose(got["scores"], want, atol=1e-5)
+
+
+def test_model_endpoint_describes_the_version(client: bentoml.SyncHTTPClient, version: ModelVersion) -> None:
+    got = client.model_info()
+    assert got["tag"] == version.tag
+    assert got["schema_hash"] == version.metadata["schema_hash"]
+    assert [f["name"] for f in got["feature_schema"]] == list(FEATURE_NAMES)
+    assert got["metrics"]["model"]["ndcg"] == pytest.approx(version.metadata["metrics"]["model"]["ndcg"])
+    assert got["dataset"]["content_hash"] == version.metadata["dataset"]["content_hash"]
+
+
+def _row(**override: Any) -> dict[str, Any]:
+    return {**dict.fromkeys(FEATURE_NAMES, 0.5), **override}
+
+
+BAD_REQUESTS = [
+    ("/recommend", {"k": 3}, "user_id", "missing"),
+    ("/recommend", {"user_id": "1", "k": 0}, "k", "greater_than_equal"),
+    ("/recommend", {"user_id": "1", "k": 101}, "k", "less_than_equal"),
+    ("/recommend", {"user_id": "1", "k": "ten"}, "k", "int_parsing"),
+    ("/recommend", {"user_id": True}, "user_id", "string_type"),
+    ("/recommend", {"user_id": ""}, "user_id", "too_short"),
+    ("/recommend", {"user_id": "1", "exclude_seen": "maybe"}, "exclude_seen", "bool_parsing"),
+    ("/rank", {"user_id": "1", "item_ids": []}, "item_ids", "too_short"),
+    ("/rank", {"user_id": "1", "item_ids": ["x"] * 1001}, "item_ids", "too_long"),
+    ("/rank", {"user_id": "1", "item_ids": ["no-such-item", "nor-this"]}, "item_ids", "unknown_item_ids"),
+    ("/score", {"rows": []}, "rows", "too_short"),
+    ("/score", {"rows": [_row(cooc_score=float("nan"))]}, "rows", "finite_number"),
+    ("/score", {"rows": [_row(cooc_score=float("inf"))]}, "rows", "finite_number"),
+    ("/score", {"rows": [{**_row(), "colour": 1.0}]}, "rows", "extra_forbidden"),
+    ("/score", {"rows": [{k: v for k, v in _row().items() if k != "pop_rank"}]}, "rows", "missing"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "field", "error_type"), BAD_REQUESTS)
+def test_bad_input_is_a_400_naming_the_field_and_rule(
+    server: ServerProcess, path: str, body: dict[str, Any], field: str, error_type: str
+) -> None:
+    import json
+
+    # allow_nan: NaN/Infinity reach the server as JSON5-style literals, as a careless client sends them
+    resp = httpx.post(f"{server.url}{path}", content=json.dumps(body, allow_nan=True),
+                      headers={"content-type": "application/json"}, timeout=30)  # fmt: skip
+    assert resp.status_code == 400, resp.text
+    payload = resp.json()
+    assert payload["error"]
+    detail = payload["detail"][0]
+    assert detail["loc"][0] == field and detail["type"] == error_type and detail["msg"]
+    if error_type == "unknown_item_ids":
+        assert "no-such-item" in detail["msg"] and "nor-this" in detail["msg"]
+
+
+def test_openapi_documents_the_limits(server: ServerProcess) -> None:
+    doc = httpx.get(f"{server.url}/docs.json", timeout=30).json()
+    assert {"/recommend", "/rank", "/score", "/model"} <= set(doc["paths"])
+    text = str(doc)
+    assert "'maximum': 100" in text and "'maxItems': 1000" in text and "'maxItems': 10000" in text
+
+
+def test_probes_and_metrics(server: ServerProcess, client: bentoml.SyncHTTPClient) -> None:
+    client.recommend(user_id="u1", k=2)
+    for probe in ("/healthz", "/livez", "/readyz"):
+        assert httpx.get(f"{server.url}{probe}", timeout=10).status_code == 200
+    metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+    assert "bentoml_service_request_total" in metrics and 'endpoint="/recommend"' in metrics
+
+
+def test_burst_of_concurrent_requests_has_no_errors(server: ServerProcess, local: Recommender) -> None:
+    """200+ concurrent requests through the API to the ranking service: with BentoML's
+    default runner_connection (recycled every 100 requests) some came back 500."""
+    users = [str(u) for u in local.tables.user_ids[:60]]
+
+    async def burst() -> list[str]:
+        async with bentoml.AsyncHTTPClient(server.url, server_ready_timeout=30) as c:
+            async def one(i: int) -> str:
+                try:
+                    r = await c.recommend(user_id=users[i % len(users)], k=10)
+                    return "ok" if len(r["items"]) == 10 else "short"
+                except bentoml.exceptions.BentoMLException as err:
+                    return f"error: {err}"
+            out: list[str] = []
+            for _ in range(2):  # two waves of 250: past the default recycling point twice
+                out += await asyncio.gather(*(one(i) for i in range(250)))
+            return out
+
+    started = time.monotonic()
+    results = asyncio.run(burst())
+    errors = [r for r in results if r != "ok"]
+    assert not errors, f"{len(errors)} of {len(results)} failed, e.g. {errors[:3]}"
+    assert time.monotonic() - started < 120
+
+
+def test_a_damaged_model_is_never_served(trained: TrainResult, tmp_path: Path) -> None:
+    """A corrupted booster: both services refuse to initialise and /readyz never answers 200;
+    the log names the model tag and the failed check."""
+    assert trained.tag is not None
+    name, ver = trained.tag.split(":")
+    home = tmp_path / "home"
+    src = Path(bentoml.models.get(trained.tag).path)
+    dst = home / "models" / name / ver
+    shutil.copytree(src, dst)
+    (home / "models" / name / "latest").write_text(ver)
+    (dst / BOOSTER_FILE).write_bytes((src / BOOSTER_FILE).read_bytes()[:100])  # truncated
+    proc = start_server(["service:ApiService"], cwd=PROJECT_ROOT,
+                        env={"BENTOML_HOME": str(home), "RECSYS_MODEL_TAG": trained.tag}, wait=False)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 25
+        while time.monotonic() < deadline and "digest check failed" not in proc.log():
+            try:
+                assert httpx.get(f"{proc.url}/readyz", timeout=2).status_code != 200
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        log = proc.log()
+        assert f"model {trained.tag}: digest check failed: {BOOSTER_FILE}" in log
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"{proc.url}/readyz", timeout=2).raise_for_status()
+    finally:
+        proc.stop()
