@@ -5,6 +5,7 @@ public API: candidates, features, ranking, fallbacks). `bentoml serve service:Ap
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 import bentoml
@@ -24,9 +25,10 @@ from models.api_schema import (
 from models.recommender import Recommender, UnknownItemsError
 from models.schema import FEATURE_DTYPE, FEATURE_NAMES, N_FEATURES
 from models.settings import RecsysSettings
-from models.store import open_version, predict_scores
+from models.store import open_version, predict_scores, serving_tag
 
 settings = RecsysSettings()  # configuration only: decorators below need it at import
+MODEL_TAG = serving_tag(settings, Path(__file__))
 
 
 @bentoml.service(
@@ -38,7 +40,7 @@ settings = RecsysSettings()  # configuration only: decorators below need it at i
 class RankerService:
     """Scores (n, N_FEATURES) float32 matrices with the XGBoost ranker."""
 
-    bento_model = bentoml.models.BentoModel(settings.resolved_tag)
+    bento_model = bentoml.models.BentoModel(MODEL_TAG)
 
     def __init__(self) -> None:
         version = open_version(str(type(self).bento_model.tag))
@@ -68,7 +70,7 @@ class ApiService:
     """The public recommendation API."""
 
     ranker = bentoml.depends(RankerService)
-    bento_model = bentoml.models.BentoModel(settings.resolved_tag)
+    bento_model = bentoml.models.BentoModel(MODEL_TAG)
 
     def __init__(self) -> None:
         self.version = open_version(str(type(self).bento_model.tag))

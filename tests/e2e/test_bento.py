@@ -1,0 +1,74 @@
+"""The packaged path: train into a fresh store, `bentoml build`, export the Bento to a file,
+import it into another empty BENTOML_HOME and serve it from there; a Bento keeps serving the
+model version it was built with even after newer versions are trained."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import bentoml
+import pytest
+
+from tests.helpers import BENTOML_BIN, PROJECT_ROOT, ServerProcess, start_server
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+SMALL = ["--n-users", "400", "--n-items", "300", "--n-interactions", "20000", "--json"]
+
+
+def run(args: list[str], home: Path, cwd: Path = PROJECT_ROOT) -> str:
+    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
+    env.pop("RECSYS_MODEL_TAG", None)
+    out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, f"{args} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out.stdout
+
+
+def train_default_model(home: Path) -> str:
+    import json
+
+    return str(json.loads(run([sys.executable, "-m", "training", *SMALL], home))["tag"])
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str | Path]]:
+    root = tmp_path_factory.mktemp("bento")
+    build_home = root / "build-home"
+    model_tag = train_default_model(build_home)
+    out = run([BENTOML_BIN, "build", ".", "--output", "tag"], build_home)
+    bento_tag = next(line.split("__tag__:")[1] for line in out.splitlines() if "__tag__:" in line).strip()
+    newer_tag = train_default_model(build_home)  # after the build: must not leak into the Bento
+    archive = root / "recsys.bento"
+    run([BENTOML_BIN, "export", bento_tag, str(archive)], build_home)
+    yield {"root": root, "build_home": build_home, "model_tag": model_tag, "newer_tag": newer_tag,
+           "bento_tag": bento_tag, "archive": archive}  # fmt: skip
+
+
+def serve_and_recommend(bento_tag: str, home: Path, cwd: Path) -> dict[str, object]:
+    proc: ServerProcess = start_server([bento_tag], cwd=cwd, env={"BENTOML_HOME": str(home)})
+    try:
+        with bentoml.SyncHTTPClient(proc.url) as client:
+            got = client.recommend(user_id="u1", k=5)
+            assert client.model_info()["tag"] == got["model_tag"]
+            return got
+    finally:
+        assert proc.stop() in (0, -15)
+
+
+def test_exported_bento_serves_from_an_isolated_store(built: dict[str, str | Path]) -> None:
+    home = Path(built["root"]) / "isolated-home"
+    run([BENTOML_BIN, "import", str(built["archive"])], home)
+    models = run([BENTOML_BIN, "models", "list", "-o", "json"], home)
+    assert str(built["model_tag"]).split(":")[1] in models
+    assert str(built["newer_tag"]).split(":")[1] not in models
+    got = serve_and_recommend(str(built["bento_tag"]), home, cwd=Path(built["root"]))
+    assert got["model_tag"] == built["model_tag"]
+    assert len(got["items"]) == 5 and got["fallback"] is False  # type: ignore[arg-type]
+
+
+def test_bento_keeps_its_pinned_model_in_a_store_with_newer_versions(built: dict[str, str | Path]) -> None:
+    got = serve_and_recommend(str(built["bento_tag"]), Path(built["build_home"]), cwd=Path(built["root"]))
+    assert got["model_tag"] == built["model_tag"] != built["newer_tag"]
