@@ -1,0 +1,63 @@
+"""The service declarations, checked without serving: the guards against the two BentoML
+1.4 bugs in ../shared/NOTES.md, and the settings that shape batching and resources."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator
+from types import ModuleType
+
+import numpy as np
+import pandas as pd
+import pytest
+
+
+@pytest.fixture
+def service_module(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
+    """service.py imported afresh under the environment the test sets."""
+    import service
+
+    yield importlib.reload(service)
+    monkeypatch.undo()
+    importlib.reload(service)
+
+
+def test_batchable_apis_take_numpy_not_dataframes(service_module: ModuleType) -> None:
+    """BentoML 1.4's batcher breaks on DataFrame inputs (get_batch_size returns a shape tuple
+    and the request hangs): every batchable API must take numpy arrays."""
+    batchable = {n: a for n, a in service_module.RankerService.apis.items() if a.batchable}
+    assert batchable, "the ranking service must have a batchable scoring API"
+    for name, api in batchable.items():
+        for field_name, field in api.input_spec.model_fields.items():
+            assert field.annotation is np.ndarray, f"{name}.{field_name} is {field.annotation}"
+            assert field.annotation is not pd.DataFrame
+
+
+def test_runner_connections_are_not_recycled_under_load(service_module: ModuleType) -> None:
+    """BentoML's default (recycle every 100 requests) dropped in-flight requests (500s)."""
+    conn = service_module.RankerService.config["runner_connection"]
+    assert conn["max_requests"] >= 1_000_000 and conn["max_age"] >= 86_400
+
+
+def test_batching_workers_and_resources_come_from_settings(
+    service_module: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RECSYS_MAX_BATCH_SIZE", "777")
+    monkeypatch.setenv("RECSYS_MAX_LATENCY_MS", "55")
+    monkeypatch.setenv("RECSYS_RANKER_WORKERS", "2")
+    monkeypatch.setenv("RECSYS_RANKER_CPU", "2")
+    monkeypatch.setenv("RECSYS_API_WORKERS", "3")
+    svc = importlib.reload(service_module)
+    api = svc.RankerService.apis["score"]
+    assert (api.max_batch_size, api.max_latency_ms) == (777, 55)
+    assert svc.RankerService.config["workers"] == 2
+    assert svc.RankerService.config["resources"] == {"cpu": "2"}
+    assert svc.ApiService.config["workers"] == 3
+    assert svc.ApiService.dependencies["ranker"].on is svc.RankerService
+
+
+def test_model_tag_setting_is_used(service_module: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RECSYS_MODEL_TAG", "recsys-ranker:abc123")
+    svc = importlib.reload(service_module)
+    assert [str(m.tag) for m in svc.RankerService.models] == ["recsys-ranker:abc123"]
+    assert [str(m.tag) for m in svc.ApiService.models] == ["recsys-ranker:abc123"]
