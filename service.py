@@ -22,6 +22,7 @@ from models.api_schema import (
     ScoreResponse,
     input_error,
 )
+from models.guard import RequestGuard
 from models.recommender import Recommender, UnknownItemsError
 from models.schema import FEATURE_DTYPE, FEATURE_NAMES, N_FEATURES
 from models.settings import RecsysSettings
@@ -29,6 +30,16 @@ from models.store import open_version, predict_scores, serving_tag
 
 settings = RecsysSettings()  # configuration only: decorators below need it at import
 MODEL_TAG = serving_tag(settings, Path(__file__))
+
+
+def documented_limits(func: Any) -> Any:
+    """Add the request-guard limits (see models/guard.py) to an API's OpenAPI description."""
+    auth = " Needs 'Authorization: Bearer <key>' (401 without)." if settings.api_key_list() else ""
+    func.__doc__ = (
+        f"{func.__doc__ or ''}\n\nLimits: request body at most {settings.max_body_bytes} bytes "
+        f"(413 above); at most {settings.max_in_flight} requests in flight per worker (503 above).{auth}"
+    )
+    return func
 
 
 @bentoml.service(
@@ -72,6 +83,11 @@ class ApiService:
     ranker = bentoml.depends(RankerService)
     bento_model = bentoml.models.BentoModel(MODEL_TAG)
 
+    @bentoml.on_deployment
+    def check_model() -> None:
+        """Once, before any worker starts: a version that fails its checks stops `serve`."""
+        open_version(MODEL_TAG)
+
     def __init__(self) -> None:
         self.version = open_version(str(type(self).bento_model.tag))
         self.recommender = Recommender(self.version.load_tables(), self.version.params)
@@ -91,6 +107,7 @@ class ApiService:
         return np.asarray(await self.ranker.to_async.score(features))
 
     @bentoml.api
+    @documented_limits
     async def recommend(
         self,
         user_id: ExternalId,
@@ -113,6 +130,7 @@ class ApiService:
         )  # fmt: skip
 
     @bentoml.api
+    @documented_limits
     async def rank(
         self,
         user_id: ExternalId,
@@ -133,6 +151,7 @@ class ApiService:
         )  # fmt: skip
 
     @bentoml.api
+    @documented_limits
     async def score(
         self,
         rows: Annotated[list[FeatureRow], Field(min_length=1, max_length=settings.max_score_rows)],  # type: ignore[valid-type]
@@ -143,6 +162,7 @@ class ApiService:
         return ScoreResponse(scores=scores.tolist(), model_tag=self.version.tag)
 
     @bentoml.api(route="/model")
+    @documented_limits
     def model_info(self) -> ModelResponse:
         """The served model version: tag, creation time, metrics, dataset and schema."""
         meta: dict[str, Any] = self.version.metadata
@@ -157,3 +177,11 @@ class ApiService:
             code_version=meta["code_version"],
             versions=meta["versions"],
         )
+
+
+ApiService.add_asgi_middleware(
+    RequestGuard,
+    api_keys=settings.api_key_list(),
+    max_body_bytes=settings.max_body_bytes,
+    max_in_flight=settings.max_in_flight,
+)

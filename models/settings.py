@@ -6,7 +6,7 @@ model version and travel in its metadata, so a version always serves the way it 
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL_NAME = "recsys-ranker"
@@ -44,6 +44,20 @@ class RecsysSettings(BaseSettings):
     max_k: int = Field(100, ge=1, description="Largest k accepted by /recommend.")
     max_rank_items: int = Field(1000, ge=1, description="Most item_ids accepted by /rank.")
     max_score_rows: int = Field(10_000, ge=1, description="Most rows accepted by /score.")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body (413 above).")
+    max_in_flight: int = Field(
+        256, ge=1, description="Requests served at once per API worker; more are a 503 at once."
+    )
+    api_keys: SecretStr | None = Field(
+        None,
+        description="Comma-separated API keys; when set, every endpoint but the health and "
+        "readiness probes needs 'Authorization: Bearer <key>'.",
+    )
+
+    def api_key_list(self) -> list[str]:
+        if self.api_keys is None:
+            return []
+        return [k.strip() for k in self.api_keys.get_secret_value().split(",") if k.strip()]
 
     @property
     def resolved_tag(self) -> str:

@@ -1,0 +1,109 @@
+"""The front door on a real server: API keys (on and off), the body limit, and overload
+answered with a quick 503 instead of a queue that times out."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import bentoml
+import httpx
+import pytest
+
+from tests.helpers import PROJECT_ROOT, ServerProcess, start_server
+from training.pipeline import TrainResult
+
+pytestmark = pytest.mark.e2e
+KEYS = ("alpha-key-1234567", "beta-key-7654321")
+WRONG_KEY = "gamma-not-a-key-000"
+
+
+@pytest.fixture(scope="module")
+def guarded(trained: TrainResult, bentoml_home: Path) -> Iterator[ServerProcess]:
+    assert trained.tag is not None
+    proc = start_server(["service:ApiService"], cwd=PROJECT_ROOT, env={
+        "BENTOML_HOME": str(bentoml_home), "RECSYS_MODEL_TAG": trained.tag,
+        "RECSYS_API_KEYS": ",".join(KEYS), "RECSYS_MAX_IN_FLIGHT": "4",
+    })  # fmt: skip
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+BODY = {"user_id": "u1", "k": 3}
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/livez", "/readyz"])
+def test_probes_need_no_key(guarded: ServerProcess, path: str) -> None:
+    assert httpx.get(f"{guarded.url}{path}", timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "headers"),
+    [
+        ("POST", "/recommend", {}),
+        ("POST", "/recommend", {"Authorization": f"Bearer {WRONG_KEY}"}),
+        ("POST", "/model", {"Authorization": KEYS[0]}),  # no "Bearer "
+        ("GET", "/metrics", {}),
+        ("GET", "/docs.json", {}),
+    ],
+)
+def test_everything_else_needs_a_valid_key(
+    guarded: ServerProcess, method: str, path: str, headers: dict[str, str]
+) -> None:
+    resp = httpx.request(method, f"{guarded.url}{path}", json=BODY, headers=headers, timeout=10)
+    assert resp.status_code == 401
+    assert "Authorization: Bearer" in resp.json()["error"]
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_each_key_works_with_the_sdk_client(guarded: ServerProcess, key: str) -> None:
+    with bentoml.SyncHTTPClient(guarded.url, token=key) as client:
+        assert len(client.recommend(**BODY)["items"]) == 3
+    assert httpx.get(f"{guarded.url}/metrics", headers={"Authorization": f"Bearer {key}"}, timeout=10).is_success
+
+
+def test_keys_never_appear_in_logs(guarded: ServerProcess) -> None:
+    for key in (*KEYS, WRONG_KEY):
+        httpx.post(f"{guarded.url}/recommend", json=BODY, headers={"Authorization": f"Bearer {key}"}, timeout=10)
+    log = guarded.log()
+    assert "/recommend" in log  # the access log is on, and it does not show the header
+    assert not [k for k in (*KEYS, WRONG_KEY) if k in log]
+
+
+def test_without_keys_no_key_is_needed(server: ServerProcess) -> None:
+    assert httpx.post(f"{server.url}/recommend", json=BODY, timeout=10).status_code == 200
+
+
+def test_oversized_body_is_a_413(server: ServerProcess) -> None:
+    body = b'{"user_id": "u1", "pad": "' + b"x" * (5 * 1024 * 1024) + b'"}'
+    resp = httpx.post(f"{server.url}/recommend", content=body,
+                      headers={"content-type": "application/json"}, timeout=30)  # fmt: skip
+    assert resp.status_code == 413 and "RECSYS_MAX_BODY_BYTES" in resp.json()["error"]
+
+
+def test_overload_is_a_quick_503_then_service_recovers(guarded: ServerProcess) -> None:
+    """Beyond RECSYS_MAX_IN_FLIGHT the API answers 503 at once; no request hangs."""
+    headers = {"Authorization": f"Bearer {KEYS[0]}"}
+
+    async def burst() -> list[tuple[int, float, str | None]]:
+        async with httpx.AsyncClient(headers=headers, timeout=30,
+                                     limits=httpx.Limits(max_connections=200)) as c:  # fmt: skip
+            async def one() -> tuple[int, float, str | None]:
+                start = time.monotonic()
+                r = await c.post(f"{guarded.url}/recommend", json={"user_id": "u2", "k": 100})
+                return r.status_code, time.monotonic() - start, r.headers.get("retry-after")
+            return await asyncio.gather(*(one() for _ in range(120)))
+
+    results = asyncio.run(burst())
+    statuses = [s for s, _, _ in results]
+    assert set(statuses) <= {200, 503}, statuses
+    rejected = [(t, ra) for s, t, ra in results if s == 503]
+    assert rejected and statuses.count(200) >= 4
+    assert all(ra == "1" for _, ra in rejected)
+    assert max(t for t, _ in rejected) < 5.0
+    resp = httpx.post(f"{guarded.url}/recommend", json=BODY, headers=headers, timeout=10)
+    assert resp.status_code == 200
