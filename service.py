@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import bentoml
 import numpy as np
 from bentoml.exceptions import InvalidArgument, ServiceUnavailable
-from pydantic import Field
+from pydantic import Field, StrictBool, StrictInt
 
 from models.api_schema import (
     ExternalId,
@@ -22,6 +22,7 @@ from models.api_schema import (
     ScoreResponse,
     input_error,
 )
+from models.bentoml_patches import patch_openapi
 from models.guard import RequestGuard
 from models.recommender import Recommender, UnknownItemsError
 from models.schema import FEATURE_DTYPE, FEATURE_NAMES, N_FEATURES
@@ -111,8 +112,8 @@ class ApiService:
     async def recommend(
         self,
         user_id: ExternalId,
-        k: Annotated[int, Field(ge=1, le=settings.max_k, description="How many items.")] = 10,
-        exclude_seen: bool = True,
+        k: Annotated[StrictInt, Field(ge=1, le=settings.max_k, description="How many items.")] = 10,
+        exclude_seen: StrictBool = True,
     ) -> RecommendResponse:
         """Top-k items for a user; unknown users get the most popular items (a fallback)."""
         user = self.recommender.user_index(user_id)
@@ -179,6 +180,7 @@ class ApiService:
         )
 
 
+patch_openapi("ApiService", {api.route for api in ApiService.apis.values()})
 ApiService.add_asgi_middleware(
     RequestGuard,
     api_keys=settings.api_key_list(),

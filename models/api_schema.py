@@ -8,26 +8,25 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import AllowInfNan, BaseModel, BeforeValidator, ConfigDict, Field, create_model
+from pydantic import (
+    AllowInfNan,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    StrictStr,
+    create_model,
+)
 from pydantic_core import InitErrorDetails, PydanticCustomError, ValidationError
 
 from models.schema import FEATURES
 
 
-def _id_as_string(value: Any) -> Any:
-    """Ids are strings; integer ids (MovieLens' 1, 318, ...) are accepted and converted.
-    Booleans and floats are not ids: they are left for pydantic to reject."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    return value
-
-
-ExternalId = Annotated[
-    str,
-    BeforeValidator(_id_as_string),
-    Field(min_length=1, max_length=256, description="An id (string; integers are accepted)."),
-]
-FiniteFloat = Annotated[float, AllowInfNan(False)]
+# Ids are JSON strings, also where a dataset's ids are numbers ("318", not 318): one type,
+# documented as it is validated (BentoML's OpenAPI keeps only the first member of a union).
+ExternalId = Annotated[StrictStr, Field(min_length=1, max_length=256, description="An id (a string).")]
+# Strict: JSON types only, so that e.g. "k": "10" or "exclude_seen": 0 are 400s, not guesses.
+StrictFiniteFloat = Annotated[float, Strict(), AllowInfNan(False)]
 
 
 class RecommendedItem(BaseModel):
@@ -74,7 +73,7 @@ class ModelResponse(BaseModel):
 FeatureRow = create_model(  # type: ignore[call-overload]
     "FeatureRow",
     __config__=ConfigDict(extra="forbid"),
-    **{f.name: (FiniteFloat, Field(description=f.description)) for f in FEATURES},
+    **{f.name: (StrictFiniteFloat, Field(description=f.description)) for f in FEATURES},
 )
 
 

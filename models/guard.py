@@ -1,5 +1,5 @@
-"""The API's front door, as one pure ASGI middleware: optional API keys, a request-body
-size limit, and a bound on requests in flight (503 at once rather than a queue that times
+"""The API's front door, as one pure ASGI middleware: optional API keys, JSON bodies only,
+a request-body size limit, and a bound on requests in flight (503 at once rather than a queue that times
 out). Health and readiness probes always pass, so orchestrators can probe without a key.
 """
 
@@ -28,8 +28,9 @@ async def _reply(send: Send, status: int, error: str, headers: dict[str, str] | 
 
 
 class RequestGuard:
-    """401 without a valid `Authorization: Bearer <key>` (when keys are set), 413 for bodies
-    over `max_body_bytes`, 503 when `max_in_flight` requests are already being served."""
+    """401 without a valid `Authorization: Bearer <key>` (when keys are set), 415 for a body
+    that is not JSON, 413 for bodies over `max_body_bytes`, 503 when `max_in_flight`
+    requests are already being served."""
 
     def __init__(self, app: ASGIApp, api_keys: list[str], max_body_bytes: int, max_in_flight: int) -> None:
         self.app = app
@@ -48,6 +49,13 @@ class RequestGuard:
                 return any([hmac.compare_digest(given, key) for key in self._keys])
         return False
 
+    @staticmethod
+    def _content_type(scope: Scope) -> bytes | None:
+        for name, value in scope.get("headers", []):
+            if name == b"content-type":
+                return bytes(value.split(b";")[0].strip().lower())
+        return None
+
     def _declared_length(self, scope: Scope) -> int | None:
         for name, value in scope.get("headers", []):
             if name == b"content-length":
@@ -64,6 +72,12 @@ class RequestGuard:
         if not self._authorized(scope):
             await _reply(send, 401, "missing or invalid API key; send the header "
                          "'Authorization: Bearer <key>'", {"www-authenticate": "Bearer"})  # fmt: skip
+            return
+        content_type = self._content_type(scope)
+        if content_type not in (None, b"application/json"):
+            # BentoML answers other types (multipart, form) with a 500; JSON is all we take.
+            await _reply(send, 415, f"Content-Type {content_type.decode(errors='replace')!r} is not "
+                         "supported; send application/json")  # fmt: skip
             return
         declared = self._declared_length(scope)
         if declared is not None and declared > self.max_body_bytes:

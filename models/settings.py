@@ -44,7 +44,7 @@ class RecsysSettings(BaseSettings):
     max_k: int = Field(100, ge=1, description="Largest k accepted by /recommend.")
     max_rank_items: int = Field(1000, ge=1, description="Most item_ids accepted by /rank.")
     max_score_rows: int = Field(10_000, ge=1, description="Most rows accepted by /score.")
-    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body (413 above).")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body (413 above).")
     max_in_flight: int = Field(
         256, ge=1, description="Requests served at once per API worker; more are a 503 at once."
     )

@@ -73,3 +73,10 @@ def server(trained: TrainResult, bentoml_home: Path) -> Iterator[ServerProcess]:
         yield proc
     finally:
         proc.stop()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--fuzz-examples", type=int, default=60,
+        help="schemathesis examples per operation in tests/e2e/test_fuzz.py (CI: 60)",
+    )  # fmt: skip

@@ -12,6 +12,7 @@ import bentoml
 import httpx
 import pytest
 
+from models.settings import RecsysSettings
 from tests.helpers import PROJECT_ROOT, ServerProcess, start_server
 from training.pipeline import TrainResult
 
@@ -79,7 +80,8 @@ def test_without_keys_no_key_is_needed(server: ServerProcess) -> None:
 
 
 def test_oversized_body_is_a_413(server: ServerProcess) -> None:
-    body = b'{"user_id": "u1", "pad": "' + b"x" * (5 * 1024 * 1024) + b'"}'
+    limit = RecsysSettings().max_body_bytes
+    body = b'{"user_id": "u1", "pad": "' + b"x" * limit + b'"}'
     resp = httpx.post(f"{server.url}/recommend", content=body,
                       headers={"content-type": "application/json"}, timeout=30)  # fmt: skip
     assert resp.status_code == 413 and "RECSYS_MAX_BODY_BYTES" in resp.json()["error"]

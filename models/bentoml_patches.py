@@ -1,0 +1,99 @@
+"""Workarounds for BentoML 1.4.40, all in this one module; each has a test in
+tests/integration/test_bentoml_patches.py that fails when it stops working.
+
+OpenAPI truthfulness (`/docs.json`):
+- BentoML documents a 400 body as `{"error": str, "detail": str}` but sends `detail` as the
+  list of pydantic errors; schema-checking clients (schemathesis) reject every 400. The
+  served document says what is really sent.
+- Request bodies with required fields are marked `required` (BentoML leaves it out, so an
+  empty body looks valid).
+- The responses of the request guard (401, 413, 503; models/guard.py) are added to every
+  public operation, so that they are documented and clients can expect them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_ERROR_ITEM = {
+    "type": "object",
+    "properties": {
+        "type": {"type": "string", "description": "the rule, e.g. less_than_equal"},
+        "loc": {"type": "array", "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]}},
+        "msg": {"type": "string"},
+    },
+    "required": ["type", "loc", "msg"],
+}
+GUARD_ERROR = {
+    "type": "object",
+    "properties": {"error": {"type": "string"}},
+    "required": ["error"],
+}
+GUARD_RESPONSES = {
+    "401": "Missing or invalid API key (only when RECSYS_API_KEYS is set).",
+    "415": "Content-Type other than application/json.",
+    "413": "Request body over RECSYS_MAX_BODY_BYTES.",
+    "503": "Overloaded: RECSYS_MAX_IN_FLIGHT requests already in flight; retry later.",
+}
+_PATCHED = "__recsys_openapi_patched__"
+
+
+def fix_openapi(doc: dict[str, Any], guarded_routes: set[str]) -> dict[str, Any]:
+    """Return `doc` (an OpenAPI dict from BentoML) with the two fixes above."""
+    schemas = doc.get("components", {}).get("schemas", {})
+    invalid = schemas.get("InvalidArgument")
+    if invalid is not None:
+        invalid.setdefault("properties", {})["detail"] = {
+            "title": "Error Detail",
+            "anyOf": [{"type": "string"}, {"type": "array", "items": _ERROR_ITEM}],
+        }
+    for route, item in doc.get("paths", {}).items():
+        operation = item.get("post")
+        if operation is None:
+            continue
+        body = operation.get("requestBody")
+        if body is not None:
+            schema = body.get("content", {}).get("application/json", {}).get("schema", {})
+            if schema.get("required"):
+                body["required"] = True
+        if route in guarded_routes:
+            responses = operation.setdefault("responses", {})
+            for status, description in GUARD_RESPONSES.items():
+                responses[status] = {
+                    "description": description,
+                    "content": {"application/json": {"schema": GUARD_ERROR}},
+                }
+    return doc
+
+
+class _FixedSpec:
+    """Wraps BentoML's OpenAPI object; `asdict()` (what `/docs.json` serves) is fixed."""
+
+    def __init__(self, spec: Any, guarded_routes: set[str]) -> None:
+        self._spec = spec
+        self._routes = guarded_routes
+
+    def asdict(self) -> dict[str, Any]:
+        return fix_openapi(self._spec.asdict(), self._routes)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._spec, name)
+
+
+def patch_openapi(service_name: str, guarded_routes: set[str]) -> None:
+    """Make BentoML's OpenAPI generation apply `fix_openapi` for `service_name`. Idempotent."""
+    # importlib, not `import a.b.c as m`: the latter resolves `service` through attribute
+    # lookups that can hit this project's own top-level `service` module.
+    openapi_module = importlib.import_module("_bentoml_sdk.service.openapi")
+    original = openapi_module.generate_spec
+    if getattr(original, _PATCHED, False):
+        original = original.__wrapped__  # type: ignore[attr-defined]
+
+    def generate_spec(svc: Any, *args: Any, **kwargs: Any) -> Any:
+        spec = original(svc, *args, **kwargs)
+        return _FixedSpec(spec, guarded_routes) if svc.name == service_name else spec
+
+    generate_spec.__wrapped__ = original  # type: ignore[attr-defined]
+    setattr(generate_spec, _PATCHED, True)
+    openapi_module.generate_spec = generate_spec
