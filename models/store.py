@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +54,12 @@ def _digests(folder: Path) -> dict[str, str]:
     }
 
 
+def _store_home() -> Path:
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    return Path(BentoMLContainer.bentoml_home.get())
+
+
 def save_version(
     name: str,
     booster: xgb.Booster,
@@ -59,18 +68,42 @@ def save_version(
     labels: dict[str, str],
     write_extra: Callable[[Path], None] | None = None,
 ) -> str:
-    """Write one new version and return its tag. Everything is written into BentoML's
-    temporary folder first and only copied into the store when all of it succeeded, so a
-    failed run leaves the store as it was."""
-    with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
-        folder = Path(model.path)
-        booster.save_model(str(folder / BOOSTER_FILE))
-        tables.save(folder)
-        if write_extra is not None:
-            write_extra(folder)
-        manifest = {"schema_hash": SCHEMA_HASH, "files": _digests(folder)}
-        (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    return str(model.tag)
+    """Write one new version and return its tag, atomically.
+
+    BentoML's own save copies file by file into the store: a run killed mid-copy leaves a
+    half-written version there (and breaks `bentoml models list`). So the version is built
+    in a staging store under BENTOML_HOME/tmp, then moved into place with one rename, and
+    only then does `latest` (replaced atomically) point at it. A failed or killed run
+    leaves the store exactly as it was."""
+    from bentoml._internal.models.model import ModelStore
+
+    home = _store_home()
+    staging_root = Path(tempfile.mkdtemp(prefix="recsys-staging-", dir=_ensure_dir(home / "tmp")))
+    try:
+        staging = ModelStore(str(staging_root))
+        with bentoml.models.create(name, labels=labels, metadata=metadata, _model_store=staging) as model:
+            folder = Path(model.path)
+            booster.save_model(str(folder / BOOSTER_FILE))
+            tables.save(folder)
+            if write_extra is not None:
+                write_extra(folder)
+            manifest = {"schema_hash": SCHEMA_HASH, "files": _digests(folder)}
+            (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        tag = model.tag
+        staged = staging_root / tag.name / str(tag.version)
+        final_parent = _ensure_dir(home / "models" / tag.name)
+        os.rename(staged, final_parent / str(tag.version))
+        latest_tmp = final_parent / f".latest-{tag.version}"
+        latest_tmp.write_text(str(tag.version))
+        os.replace(latest_tmp, final_parent / "latest")
+    finally:
+        shutil.rmtree(staging_root, ignore_errors=True)
+    return str(tag)
+
+
+def _ensure_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 @dataclass(frozen=True)

@@ -142,3 +142,54 @@ def test_schema_hash_mismatch_is_refused(trained: TrainResult, tmp_path: Path) -
 def test_missing_model_is_a_clear_error() -> None:
     with pytest.raises(ModelCheckError, match="not found in the BentoML store"):
         open_version("recsys-nothing-here:latest")
+
+
+KILL_SCRIPT = """
+import shutil, sys, time
+from pathlib import Path
+from tests.helpers import small_synthetic
+from training.pipeline import train
+
+real_copytree = shutil.copytree
+
+def copy_then_stall(src, dst, **kwargs):
+    # BentoML copies a finished model into a store with copytree: stall right after it,
+    # before anything else happens, and wait to be killed there.
+    real_copytree(src, dst, **kwargs)
+    Path(sys.argv[1]).write_text(str(dst))
+    time.sleep(120)
+
+shutil.copytree = copy_then_stall
+train(small_synthetic(), model_name="recsys-test")
+"""
+
+
+def test_killed_while_saving_leaves_no_version(trained: TrainResult, bentoml_home: Path, tmp_path: Path) -> None:
+    """SIGKILL in the middle of saving (after BentoML's copy of the files, before the move
+    into the store): no new version, `latest` unchanged, the store still lists."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import PROJECT_ROOT
+
+    before = store_tags()
+    latest_before = open_version("recsys-test:latest").tag
+    marker = tmp_path / "saving"
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(marker)], cwd=PROJECT_ROOT,
+                            env={**os.environ, "BENTOML_HOME": str(bentoml_home)})  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert proc.poll() is None, "the training subprocess ended before saving"
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        half_written = Path(marker.read_text())
+        assert (half_written / BOOSTER_FILE).is_file()  # really in the middle of saving
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert store_tags() == before
+    assert open_version("recsys-test:latest").tag == latest_before
