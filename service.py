@@ -22,7 +22,7 @@ from models.api_schema import (
     ScoreResponse,
     input_error,
 )
-from models.bentoml_patches import patch_openapi
+from models.bentoml_patches import delay_sigterm, patch_openapi
 from models.guard import RequestGuard
 from models.recommender import Recommender, UnknownItemsError
 from models.schema import FEATURE_DTYPE, FEATURE_NAMES, N_FEATURES
@@ -58,6 +58,10 @@ class RankerService:
         version = open_version(str(type(self).bento_model.tag))
         self.tag = version.tag
         self.booster = version.load_booster(settings.nthread)
+
+    @bentoml.on_startup
+    def drain_on_shutdown(self) -> None:
+        delay_sigterm(settings.ranker_shutdown_grace_s)
 
     # numpy, not DataFrame: BentoML 1.4's batchable DataFrame inputs are broken
     # (get_batch_size returns a shape tuple); see ../shared/NOTES.md.

@@ -1,5 +1,10 @@
-"""Workarounds for BentoML 1.4.40, all in this one module; each has a test in
-tests/integration/test_bentoml_patches.py that fails when it stops working.
+"""Workarounds for BentoML 1.4.40, all in this one module; each has a test that fails
+when it stops working (tests/integration/test_bentoml_patches.py, tests/e2e/test_faults.py).
+
+Shutdown order: on SIGTERM the process manager stops every worker of every service at
+once, so the ranking service may close while the API service still finishes requests that
+need it (they came back 500). The ranking service keeps serving for a grace period after
+SIGTERM (`delay_sigterm`), long enough for the API's in-flight requests to complete.
 
 OpenAPI truthfulness (`/docs.json`):
 - BentoML documents a 400 body as `{"error": str, "detail": str}` but sends `detail` as the
@@ -14,6 +19,8 @@ OpenAPI truthfulness (`/docs.json`):
 from __future__ import annotations
 
 import importlib
+import signal
+import threading
 from typing import Any
 
 _ERROR_ITEM = {
@@ -97,3 +104,19 @@ def patch_openapi(service_name: str, guarded_routes: set[str]) -> None:
     generate_spec.__wrapped__ = original  # type: ignore[attr-defined]
     setattr(generate_spec, _PATCHED, True)
     openapi_module.generate_spec = generate_spec
+
+
+def delay_sigterm(grace_s: float) -> None:
+    """Handle SIGTERM in this (worker) process `grace_s` seconds late. Call it from the main
+    thread after the server installed its own handler (a service's startup hook)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if not callable(previous):
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        # The server's handler only sets a flag: calling it from a timer thread is safe.
+        threading.Timer(grace_s, previous, args=(signum, frame)).start()
+
+    signal.signal(signal.SIGTERM, handler)

@@ -38,6 +38,11 @@ class RecsysSettings(BaseSettings):
     runner_max_requests: int = Field(10_000_000, ge=1, description="Requests per runner connection.")
     runner_max_age_s: float = Field(1e9, gt=0, description="Age limit of a runner connection.")
 
+    ranker_shutdown_grace_s: float = Field(
+        3.0, ge=0, description="Seconds the ranking service keeps serving after SIGTERM, so the "
+        "API service can finish its in-flight requests."
+    )
+
     # The public API service.
     api_workers: int = Field(1, ge=1, description="Worker processes of the API service.")
     traffic_timeout_s: float = Field(30.0, gt=0, description="Request timeout of both services.")
