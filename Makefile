@@ -9,7 +9,7 @@ PORT ?= 3000
 TRAIN_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install train serve test clean
+.PHONY: install install-dev train serve test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,8 @@ $(VENV)/.deps-dev: requirements-dev.txt $(VENV)/.deps
 	touch $@
 
 install: $(VENV)/.deps
+
+install-dev: $(VENV)/.deps-dev
 
 train: install
 	$(BIN)/python -m training $(TRAIN_ARGS)
