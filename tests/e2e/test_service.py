@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from models.recommender import Recommender
-from models.schema import FEATURE_NAMES
+from models.schema import FEATURE_NAMES, SCHEMA_HASH
 from models.settings import RecsysSettings
 from models.store import BOOSTER_FILE, ModelVersion, open_version, predict_scores
 from tests.helpers import PROJECT_ROOT, ServerProcess, start_server
@@ -197,21 +197,37 @@ def test_burst_of_concurrent_requests_has_no_errors(server: ServerProcess, local
     assert time.monotonic() - started < 120
 
 
-def test_a_damaged_model_is_never_served(trained: TrainResult, tmp_path: Path) -> None:
-    """A truncated booster: `serve` refuses to start (non-zero exit before any worker
-    answers) with an error naming the model tag and the failed check."""
+def _truncate_booster(folder: Path) -> None:
+    booster = folder / BOOSTER_FILE
+    booster.write_bytes(booster.read_bytes()[:100])
+
+
+def _change_schema_hash(folder: Path) -> None:
+    model_yaml = folder / "model.yaml"
+    text = model_yaml.read_text()
+    assert SCHEMA_HASH in text
+    model_yaml.write_text(text.replace(SCHEMA_HASH, "0123456789abcdef"))
+
+
+@pytest.mark.parametrize(
+    ("damage", "check"),
+    [(_truncate_booster, f"digest check failed: {BOOSTER_FILE}"), (_change_schema_hash, "schema hash check failed")],
+    ids=["truncated booster", "schema hash mismatch"],
+)
+def test_a_damaged_model_is_never_served(trained: TrainResult, tmp_path: Path, damage, check: str) -> None:  # type: ignore[no-untyped-def]
+    """`serve` refuses to start (non-zero exit before any worker answers) with an error
+    naming the model tag and the failed check."""
     assert trained.tag is not None
     name, ver = trained.tag.split(":")
     home = tmp_path / "home"
-    src = Path(bentoml.models.get(trained.tag).path)
     dst = home / "models" / name / ver
-    shutil.copytree(src, dst)
+    shutil.copytree(Path(bentoml.models.get(trained.tag).path), dst)
     (home / "models" / name / "latest").write_text(ver)
-    (dst / BOOSTER_FILE).write_bytes((src / BOOSTER_FILE).read_bytes()[:100])  # truncated
+    damage(dst)
     proc = start_server(["service:ApiService"], cwd=PROJECT_ROOT,
                         env={"BENTOML_HOME": str(home), "RECSYS_MODEL_TAG": trained.tag}, wait=False)  # fmt: skip
     try:
         assert proc.proc.wait(timeout=60) != 0
-        assert f"model {trained.tag}: digest check failed: {BOOSTER_FILE}" in proc.log()
+        assert f"model {trained.tag}: {check}" in proc.log()
     finally:
         proc.stop()
