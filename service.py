@@ -5,6 +5,7 @@ public API: candidates, features, ranking, fallbacks). `bentoml serve service:Ap
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,15 +23,19 @@ from models.api_schema import (
     ScoreResponse,
     input_error,
 )
-from models.bentoml_patches import delay_sigterm, patch_openapi
+from models.bentoml_patches import cache_media_types, delay_sigterm, patch_openapi
 from models.guard import RequestGuard
+from models.monitoring import DriftMonitor
 from models.recommender import Recommender, UnknownItemsError
 from models.schema import FEATURE_DTYPE, FEATURE_NAMES, N_FEATURES
 from models.settings import RecsysSettings
 from models.store import open_version, predict_scores, serving_tag
 
 settings = RecsysSettings()  # configuration only: decorators below need it at import
+cache_media_types()
 MODEL_TAG = serving_tag(settings, Path(__file__))
+NO_ROWS = np.zeros((0, N_FEATURES), dtype=FEATURE_DTYPE)
+NO_SCORES = np.zeros(0, dtype=FEATURE_DTYPE)
 
 
 def documented_limits(func: Any) -> Any:
@@ -66,7 +71,7 @@ class RankerService:
     # numpy, not DataFrame: BentoML 1.4's batchable DataFrame inputs are broken
     # (get_batch_size returns a shape tuple); see ../shared/NOTES.md.
     @bentoml.api(
-        batchable=True,
+        batchable=settings.batching,
         batch_dim=0,
         max_batch_size=settings.max_batch_size,
         max_latency_ms=settings.max_latency_ms,
@@ -96,7 +101,12 @@ class ApiService:
     def __init__(self) -> None:
         self.version = open_version(str(type(self).bento_model.tag))
         self.recommender = Recommender(self.version.load_tables(), self.version.params)
+        self.drift = DriftMonitor(settings, self.version.tag, self.version.path, role="api")
         self._ranker_checked = False
+
+    @bentoml.on_startup
+    async def start_drift_flusher(self) -> None:
+        self._flusher = asyncio.get_running_loop().create_task(self.drift.flush_forever())
 
     async def _score(self, features: np.ndarray) -> np.ndarray:
         if not self._ranker_checked:
@@ -122,6 +132,7 @@ class ApiService:
         """Top-k items for a user; unknown users get the most popular items (a fallback)."""
         user = self.recommender.user_index(user_id)
         if user is None:
+            self.drift.observe(NO_ROWS, NO_SCORES, cold=True, endpoint="recommend")
             items = self.recommender.describe(self.recommender.popular(k), None)
             return RecommendResponse(
                 user_id=user_id, items=items, model_tag=self.version.tag,
@@ -129,6 +140,7 @@ class ApiService:
             )  # fmt: skip
         prepared = self.recommender.prepare_recommend(user, exclude_seen)
         scores = await self._score(prepared.features)
+        self.drift.observe(prepared.features, scores, cold=False, endpoint="recommend")
         return RecommendResponse(
             user_id=user_id, items=self.recommender.ranked(prepared, scores, k),
             model_tag=self.version.tag, fallback=False,
@@ -150,6 +162,7 @@ class ApiService:
         user = self.recommender.user_index(user_id)
         prepared = self.recommender.prepare_rank(user, items)
         scores = await self._score(prepared.features)
+        self.drift.observe(prepared.features, scores, cold=user is None, endpoint="rank")
         return RankResponse(
             user_id=user_id, items=self.recommender.ranked(prepared, scores, len(items)),
             model_tag=self.version.tag, cold_start=user is None,
@@ -164,7 +177,16 @@ class ApiService:
         """Ranker scores for rows of raw features, one field per schema feature."""
         matrix = np.array([[getattr(r, n) for n in FEATURE_NAMES] for r in rows], dtype=FEATURE_DTYPE)
         scores = await self._score(matrix)
+        self.drift.observe(matrix, scores, cold=False, endpoint="score")
         return ScoreResponse(scores=scores.tolist(), model_tag=self.version.tag)
+
+    @bentoml.api(route="/drift")
+    @documented_limits
+    def drift_status(self) -> dict[str, Any]:
+        """Drift of the served traffic against the model's reference profile, merged over
+        every worker: PSI and status (ok, warn, alert) per feature and for the score, KS for
+        the score, the cold-start share, the window and the model version."""
+        return self.drift.report()
 
     @bentoml.api(route="/model")
     @documented_limits

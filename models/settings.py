@@ -6,6 +6,9 @@ model version and travel in its metadata, so a version always serves the way it 
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -26,6 +29,7 @@ class RecsysSettings(BaseSettings):
     ranker_workers: int = Field(1, ge=1, description="Worker processes of the ranking service.")
     ranker_cpu: int = Field(1, ge=1, description="CPUs the ranking service declares.")
     nthread: int = Field(1, ge=1, description="XGBoost threads per worker (1 wins for small batches).")
+    batching: bool = Field(True, description="Adaptive batching of the ranking service's /score.")
     max_batch_size: int = Field(
         4096, gt=1, description="Adaptive batching limit in feature rows (a /recommend call is ~200)."
     )
@@ -57,6 +61,23 @@ class RecsysSettings(BaseSettings):
         None,
         description="Comma-separated API keys; when set, every endpoint but the health and "
         "readiness probes needs 'Authorization: Bearer <key>'.",
+    )
+
+    # Drift monitoring (models/drift.py).
+    drift_enabled: bool = Field(True, description="Count served rows for /drift and the PSI gauges.")
+    drift_window_s: float = Field(300.0, gt=0, description="Drift window: the last N seconds.")
+    drift_window_rows: int | None = Field(
+        None, ge=1, description="Drift window by count instead: the newest buckets holding N rows."
+    )
+    drift_warn: float = Field(0.1, ge=0, description="PSI at or above which a feature is 'warn'.")
+    drift_alert: float = Field(0.25, ge=0, description="PSI at or above which a feature is 'alert'.")
+    drift_dir: Path = Field(
+        Path(tempfile.gettempdir()) / "recsys-drift",
+        description="Where workers share their drift counts (one folder per serve process).",
+    )
+    monitor_dir: Path = Field(Path("monitoring"), description="bentoml.monitor log folder.")
+    monitor_sample: float = Field(
+        0.01, ge=0, le=1, description="Share of requests whose features and scores are logged."
     )
 
     def api_key_list(self) -> list[str]:

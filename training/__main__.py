@@ -1,4 +1,5 @@
-"""Command line: `python -m training [--dataset synthetic|movielens|interactions] ...`.
+"""Command line: `python -m training [--dataset synthetic|movielens|interactions] ...`
+(train), and `python -m training drift-report ...` (see training/drift_report.py).
 
 Trains a ranker, evaluates it against the baselines and saves a new version to the BentoML
 model store (BENTOML_HOME). Exit status 2 with a one-line message for unusable data.
@@ -77,6 +78,15 @@ def load_dataset(args: argparse.Namespace) -> Dataset:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "drift-report":
+        from training import drift_report
+
+        try:
+            return drift_report.main(argv[1:])
+        except (ModelCheckError, FileNotFoundError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     config = TrainConfig(

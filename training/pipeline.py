@@ -26,7 +26,8 @@ from models.features import build_features
 from models.metrics import mean_metrics, ranking_metrics
 from models.params import CandidateParams
 from models.ranking import top_k
-from models.schema import FEATURE_NAMES, SCHEMA_HASH, schema_as_dict
+from models.drift import build_profile
+from models.schema import FEATURE_NAMES, ITEM_FEATURES, N_FEATURES, SCHEMA_HASH, schema_as_dict
 from models.settings import DEFAULT_MODEL_NAME
 from models.store import predict_scores, save_version
 from models.tables import ServingTables, build_tables
@@ -170,9 +171,17 @@ def fit_ranker(train: Groups, valid: Groups, config: TrainConfig) -> tuple[xgb.B
     return booster, curve, best
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    metrics: dict[str, Any]
+    features: np.ndarray  # every candidate row scored on the test slice
+    scores: np.ndarray
+    recommended: np.ndarray  # the model's top-k items, all test users
+
+
 def evaluate(
     booster: xgb.Booster, tables: ServingTables, win: Window, params: CandidateParams, k: int
-) -> dict[str, Any]:
+) -> Evaluation:
     """Model and baselines on the same users and the same test items."""
     per_user: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     features: list[np.ndarray] = []
@@ -180,11 +189,14 @@ def evaluate(
         items, cooc = generate_candidates(tables, int(user), params)
         features.append(build_features(tables, int(user), items, cooc))
         per_user.append((items, _label_items(win, j), tables.history(int(user))))
-    scores = predict_scores(booster, np.vstack(features)) if features else np.zeros(0)
+    matrix = np.vstack(features) if features else np.zeros((0, N_FEATURES), dtype=np.float32)
+    scores = predict_scores(booster, matrix)
     bounds = np.cumsum([0] + [len(f) for f in features])
     model_rows, pop_rows, cooc_rows, recall = [], [], [], []
+    recommended: list[np.ndarray] = []
     for j, (items, relevant, seen) in enumerate(per_user):
         ranked, _ = top_k(items, scores[bounds[j] : bounds[j + 1]], k)
+        recommended.append(ranked)
         model_rows.append(ranking_metrics(ranked, relevant, k))
         # Co-occurrence baseline: the candidates in generation order (co-occurrence score,
         # then popularity to fill), i.e. the list without the ranker.
@@ -192,7 +204,7 @@ def evaluate(
         head = tables.pop_order[: k + len(seen)]
         pop_rows.append(ranking_metrics(head[~np.isin(head, seen)][:k], relevant, k))
         recall.append(np.isin(relevant, items).mean())
-    return {
+    metrics = {
         MODEL_KEY: mean_metrics(model_rows),
         BASELINE_POP_KEY: mean_metrics(pop_rows),
         BASELINE_COOC_KEY: mean_metrics(cooc_rows),
@@ -200,6 +212,8 @@ def evaluate(
         "test_users": len(per_user),
         "k": k,
     }
+    top = np.concatenate(recommended) if recommended else np.zeros(0, dtype=np.int32)
+    return Evaluation(metrics, matrix, scores, top)
 
 
 def _code_version() -> str:
@@ -258,12 +272,23 @@ def train(
         if len(test.label_users) == 0:
             raise DataError(f"{dataset.name}: no user has a test slice (rule: >= min_history + 1 items)")
         test_tables = build_tables(test.history, dataset.catalog, genre_names, config.candidates)
-        metrics = evaluate(booster, test_tables, test, config.candidates, config.k)
+        evaluation = evaluate(booster, test_tables, test, config.candidates, config.k)
+        metrics = evaluation.metrics
     log.info("results on %d test users:\n%s", metrics["test_users"], metrics_table(metrics))
     log.info("candidate recall (share of test items among the candidates): %.4f", metrics["candidate_recall"])
 
     with stages("serving tables from all interactions"):
         serving = build_tables(log_, dataset.catalog, genre_names, config.candidates)
+
+    with stages("reference profile for drift monitoring"):
+        # Users at test time with no history: what the service will answer with a fallback.
+        history_len = np.diff(test_tables.hist_indptr)
+        active = log_.user_counts() > 0
+        profile = build_profile(
+            evaluation.features, evaluation.scores,
+            cold_start_share=float(np.mean(history_len[active] == 0)) if active.any() else 0.0,
+            recommended_pop=test_tables.item_feats[evaluation.recommended, ITEM_FEATURES.index("item_log_pop")],
+        )  # fmt: skip
 
     gain = booster.get_score(importance_type="total_gain")
     importance = {FEATURE_NAMES[int(f[1:])]: float(v) for f, v in gain.items()}
@@ -302,13 +327,17 @@ def train(
         "created_at": dt.datetime.now(dt.UTC).isoformat(),
         "timings_s": stages.timings,
     }
+    def write_extras(folder: Path) -> None:
+        write_report(folder, curve, best_round, importance, config.k)
+        profile.save(folder)
+
     tag = None
     if save:
         labels = {"dataset": dataset.name, "schema": SCHEMA_HASH, "objective": config.ranker.objective}
         with stages("save to the BentoML store"):
             tag = save_version(
                 model_name, booster, serving, metadata, labels,
-                write_extra=lambda folder: write_report(folder, curve, best_round, importance, config.k),
+                write_extra=write_extras,
             )  # fmt: skip
         log.info("saved %s", tag)
     return TrainResult(tag, metrics, stages.timings, metadata)

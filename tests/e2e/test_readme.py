@@ -19,6 +19,7 @@ import pytest
 
 from models.settings import RecsysSettings
 from tests.helpers import PROJECT_ROOT, ServerProcess, free_port, wait_ready
+from training import drift_report
 from training.__main__ import build_parser
 
 pytestmark = pytest.mark.e2e
@@ -89,8 +90,13 @@ def test_readme_example_scripts(server: ServerProcess, line: str) -> None:
 
 @pytest.mark.parametrize("line", [line for line, _ in bash_lines(f"{VENV_PYTHON} -m training")])
 def test_readme_training_lines_parse(line: str) -> None:
-    args = build_parser().parse_args(shlex.split(line)[3:])
-    assert args.dataset in ("synthetic", "movielens", "interactions")
+    words = shlex.split(line)[3:]
+    if words[0] == "drift-report":
+        args = drift_report.build_parser(RecsysSettings()).parse_args(words[1:])
+        assert args.model and args.out
+    else:
+        args = build_parser().parse_args(words)
+        assert args.dataset in ("synthetic", "movielens", "interactions")
 
 
 def test_readme_settings_table_matches_the_settings_class() -> None:

@@ -40,3 +40,23 @@ def test_bentomls_own_document_still_needs_the_fixes(docs: tuple[dict[str, Any],
     detail = original["components"]["schemas"]["InvalidArgument"]["properties"]["detail"]
     assert detail.get("type") == "string", "BentoML documents 400 details right now: drop the fix"
     assert not original["paths"]["/recommend"]["post"]["requestBody"].get("required")
+
+
+def test_media_types_are_computed_once_per_output_type(monkeypatch: pytest.MonkeyPatch) -> None:
+    import service
+
+    io_models = importlib.import_module("_bentoml_sdk.io_models")
+    output = service.RankerService.apis["score"].output_spec
+    assert issubclass(output, io_models.IORootModel)  # the slow path: schema per response
+    calls = []
+    original = output.model_json_schema
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(output, "model_json_schema", counting)
+    first = output.mime_type()
+    for _ in range(5):
+        assert output.mime_type() == first == "application/json"
+    assert len(calls) <= 1

@@ -56,6 +56,11 @@ def test_batching_workers_and_resources_come_from_settings(
     assert svc.ApiService.dependencies["ranker"].on is svc.RankerService
 
 
+def test_batching_can_be_switched_off(service_module: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RECSYS_BATCHING", "false")
+    assert importlib.reload(service_module).RankerService.apis["score"].batchable is False
+
+
 def test_model_tag_setting_is_used(service_module: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RECSYS_MODEL_TAG", "recsys-ranker:abc123")
     svc = importlib.reload(service_module)

@@ -1,0 +1,325 @@
+"""The performance benchmark: the service against the hardware's limit and a peer, in one
+run on one machine.
+
+    python -m bench.perf                 # ~6 minutes; writes bench/results/perf.{md,json,png}
+    python -m bench.perf --smoke         # seconds; checks that the benchmark works
+
+Scenarios: (1) /recommend k=10 for random known users, (2) /rank with 100 given items,
+(3) /score with 1-row requests. Closed-loop load at each concurrency for a fixed time.
+References in the same run: the pipeline in-process (no HTTP), raw `inplace_predict`
+rows/s, this service with adaptive batching on and off, and Seldon MLServer with its
+XGBoost runtime serving the same booster (installed in bench/.venv-mlserver).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+from bench.loadgen import BodyFactory, LoadResult, run_load
+from bench.servers import ServerProcess, free_port, start_process, start_server
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+MLSERVER_VENV = ROOT / "bench" / ".venv-mlserver"
+MLSERVER_PACKAGES = ["mlserver==1.7.1", "mlserver-xgboost==1.7.1", "xgboost==3.2.0",
+                     "httptools==0.9.0", "uvloop<0.22"]  # fmt: skip
+MOVIELENS = ROOT.parent / "shared" / "data" / "movielens-small"
+ROUTES = {"recommend": "/recommend", "rank100": "/rank", "score1": "/score"}
+
+
+@dataclass
+class Cell:
+    system: str  # e.g. "bentoml batching", "mlserver"
+    scenario: str
+    concurrency: int
+    result: LoadResult
+
+    def row(self) -> dict[str, Any]:
+        return {"system": self.system, "scenario": self.scenario, "concurrency": self.concurrency,
+                **self.result.summary()}  # fmt: skip
+
+
+# -- in-process references ---------------------------------------------------------------
+
+
+def in_process_references(tag: str, users: list[str], items: list[str], seconds: float) -> dict[str, float]:
+    from models.recommender import Recommender
+    from models.store import open_version, predict_scores
+
+    version = open_version(tag)
+    rec = Recommender(version.load_tables(), version.params)
+    booster = version.load_booster(nthread=1)
+    out: dict[str, float] = {}
+
+    def rate(fn: Any) -> float:
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            fn(n)
+            n += 1
+        return n / (time.perf_counter() - start)
+
+    def recommend(i: int) -> None:
+        user = rec.user_index(users[i % len(users)])
+        assert user is not None
+        p = rec.prepare_recommend(user, exclude_seen=True)
+        rec.ranked(p, predict_scores(booster, p.features), 10)
+
+    idx = rec.item_indices(items)
+
+    def rank(i: int) -> None:
+        p = rec.prepare_rank(rec.user_index(users[i % len(users)]), idx[(i % 7) * 100 : (i % 7) * 100 + 100])
+        rec.ranked(p, predict_scores(booster, p.features), 100)
+
+    out["recommend_rps"] = rate(recommend)
+    out["rank_rps"] = rate(rank)
+    big = np.vstack([rec.prepare_recommend(rec.user_index(u), True).features for u in users[:200]])
+    big = np.resize(big, (10_000, big.shape[1])).astype(np.float32)
+    for nthread in (1, 2):
+        b = version.load_booster(nthread=nthread)
+        calls = rate(lambda _: predict_scores(b, big))
+        out[f"inplace_predict_rows_per_s_nthread{nthread}"] = calls * len(big)
+    one = big[:1]
+    out["inplace_predict_1row_calls_per_s"] = rate(lambda _: predict_scores(booster, one))
+    out["model_and_tables_mb"] = (
+        version.load_tables().nbytes() + (version.path / "ranker.ubj").stat().st_size
+    ) / 2**20
+    return out
+
+
+# -- servers ----------------------------------------------------------------------------
+
+
+def worker_rss_mb(server: ServerProcess) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for p in psutil.Process(server.proc.pid).children(recursive=True):
+        cmd = " ".join(p.cmdline())
+        name = "ranker" if "RankerService" in cmd else "api" if "ApiService" in cmd else "other"
+        out[f"{name}_{p.pid}"] = p.memory_info().rss / 2**20
+    return out
+
+
+def ensure_mlserver() -> Path:
+    python = MLSERVER_VENV / "bin" / "python"
+    if not (MLSERVER_VENV / "bin" / "mlserver").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(MLSERVER_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *MLSERVER_PACKAGES], check=True)
+    return MLSERVER_VENV / "bin" / "mlserver"
+
+
+def start_mlserver(tag: str, workdir: Path) -> ServerProcess:
+    """MLServer as its docs advise for this size of machine: one process (parallel_workers
+    0 beat 2 workers here), adaptive batching on, httptools and uvloop installed."""
+    from models.store import open_version
+
+    mlserver = ensure_mlserver()
+    version = open_version(tag)
+    model_dir = workdir / "mlserver" / "ranker"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    version.load_booster(nthread=1).save_model(str(model_dir / "model.json"))
+    (model_dir / "model-settings.json").write_text(json.dumps({
+        "name": "ranker", "implementation": "mlserver_xgboost.XGBoostModel",
+        "max_batch_size": 64, "max_batch_time": 0.002,
+        "parameters": {"uri": "./model.json"},
+    }))  # fmt: skip
+    port = free_port()
+    (workdir / "mlserver" / "settings.json").write_text(json.dumps({
+        "http_port": port, "grpc_port": free_port(), "metrics_port": free_port(),
+        "parallel_workers": 0, "host": "127.0.0.1", "debug": False,
+    }))  # fmt: skip
+    return start_process([str(mlserver), "start", str(workdir / "mlserver")], cwd=workdir,
+                         env={"OMP_NUM_THREADS": "1"}, port=port, log_path=workdir / "mlserver.log",
+                         ready_path="/v2/health/ready", timeout=120)  # fmt: skip
+
+
+# -- the run ----------------------------------------------------------------------------
+
+
+def measure(url: str, body: BodyFactory, concurrency: int, seconds: float, rate: float | None = None) -> LoadResult:
+    asyncio.run(run_load(url, body, concurrency, min(2.0, seconds)))  # warm-up
+    return asyncio.run(run_load(url, body, concurrency, seconds, rate=rate))
+
+
+def train_model(home: Path) -> str:
+    args = (["--dataset", "movielens", "--data", str(MOVIELENS)] if (MOVIELENS / "ratings.csv").is_file()
+            else [])  # fmt: skip
+    out = subprocess.run([sys.executable, "-m", "training", *args, "--json"], cwd=ROOT, check=True,
+                         env={**os.environ, "BENTOML_HOME": str(home)}, capture_output=True, text=True)  # fmt: skip
+    return str(json.loads(out.stdout)["tag"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.perf", description=__doc__.splitlines()[0])
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per cell")
+    p.add_argument("--concurrency", default="1,16,64")
+    p.add_argument("--smoke", action="store_true", help="tiny run: checks the benchmark works")
+    p.add_argument("--skip-mlserver", action="store_true")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.duration, args.concurrency = 1.0, "1,8"
+    levels = [int(c) for c in args.concurrency.split(",")]
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="recsys-perf-"))
+    home = work / "home"
+    os.environ["BENTOML_HOME"] = str(home)
+    tag = train_model(home)
+    print(f"model {tag}; cells of {args.duration:.0f} s at concurrency {levels}", flush=True)
+
+    from models.recommender import Recommender
+    from models.schema import FEATURE_NAMES
+    from models.store import open_version
+
+    version = open_version(tag)
+    rec = Recommender(version.load_tables(), version.params)
+    rng = np.random.default_rng(0)
+    users = [str(u) for u in rng.choice(rec.tables.user_ids, 500)]
+    items = [str(i) for i in rng.choice(rec.tables.item_ids, 700, replace=False)]
+    rows = np.vstack([rec.prepare_recommend(rec.user_index(u), True).features[:5] for u in users[:100]])
+    reference = in_process_references(tag, users, items, seconds=max(1.0, args.duration / 3))
+    print(f"in-process: {json.dumps({k: round(v, 1) for k, v in reference.items()})}", flush=True)
+
+    bodies: dict[str, BodyFactory] = {
+        "recommend": lambda i: {"user_id": users[i % len(users)], "k": 10},
+        "rank100": lambda i: {"user_id": users[i % len(users)], "item_ids": items[(i % 7) * 100 : (i % 7) * 100 + 100]},
+        "score1": lambda i: {"rows": [dict(zip(FEATURE_NAMES, map(float, rows[i % len(rows)])))]},
+    }
+    cells: list[Cell] = []
+    memory: dict[str, dict[str, float]] = {}
+    half_saturation: dict[str, Any] = {}
+    for system, env in (("bentoml batching", {}), ("bentoml no batching", {"RECSYS_BATCHING": "false"})):
+        server = start_server(["service:ApiService"], cwd=ROOT, env={"BENTOML_HOME": str(home), **env})
+        try:
+            for scenario, body in bodies.items():
+                for c in levels:
+                    url = f"{server.url}{ROUTES[scenario]}"
+                    cell = Cell(system, scenario, c, measure(url, body, c, args.duration))
+                    cells.append(cell)
+                    print(json.dumps(cell.row()), flush=True)
+            memory[system] = worker_rss_mb(server)
+            if system == "bentoml batching":
+                best = max((x for x in cells if x.system == system and x.scenario == "recommend"), key=lambda x: x.result.rps)
+                target = best.result.rps / 2
+                half = measure(f"{server.url}/recommend", bodies["recommend"], 64, args.duration, rate=target)
+                half_saturation = {"target_rps": round(target, 1), **half.summary()}
+                print(f"half saturation: {json.dumps(half_saturation)}", flush=True)
+        finally:
+            server.stop()
+
+    if not args.skip_mlserver:
+        server = start_mlserver(tag, work)
+        try:
+            def v2(n: int) -> BodyFactory:
+                def make(i: int) -> dict[str, Any]:
+                    start = (i * n) % (len(rows) - n)
+                    return {"inputs": [{"name": "input-0", "shape": [n, len(FEATURE_NAMES)], "datatype": "FP32",
+                                        "data": rows[start : start + n].ravel().tolist()}]}  # fmt: skip
+                return make
+
+            for scenario, n in (("score1", 1), ("rank100", 100)):
+                for c in levels:
+                    cell = Cell("mlserver", scenario, c, measure(f"{server.url}/v2/models/ranker/infer", v2(n), c, args.duration))
+                    cells.append(cell)
+                    print(json.dumps(cell.row()), flush=True)
+        finally:
+            server.stop()
+
+    report = write_report(args.out, cells, reference, memory, half_saturation, levels)
+    print(report)
+    return 0
+
+
+def _get(cells: list[Cell], system: str, scenario: str, c: int) -> LoadResult | None:
+    return next((x.result for x in cells if (x.system, x.scenario, x.concurrency) == (system, scenario, c)), None)
+
+
+def bars(cells: list[Cell], reference: dict[str, float], memory: dict[str, dict[str, float]],
+         half: dict[str, Any], levels: list[int]) -> list[tuple[str, str, bool | None]]:  # fmt: skip
+    out: list[tuple[str, str, bool | None]] = []
+    best = max((x.result.rps for x in cells if x.system == "bentoml batching" and x.scenario == "recommend"), default=0)
+    share = best / reference["recommend_rps"] if reference["recommend_rps"] else 0
+    out.append(("/recommend best ≥ 50% of in-process", f"{best:.0f} / {reference['recommend_rps']:.0f} req/s = {share:.0%}", share >= 0.5))
+    top = max(levels)
+    on, off, peer = (_get(cells, s, "score1", top) for s in ("bentoml batching", "bentoml no batching", "mlserver"))
+    if on and off:
+        ratio = on.rps / off.rps if off.rps else float("inf")
+        out.append((f"/score 1-row c={top}: batching ≥ 3× no batching", f"{on.rps:.0f} vs {off.rps:.0f} = {ratio:.2f}×", ratio >= 3))
+    if on and peer:
+        ratio = on.rps / peer.rps if peer.rps else float("inf")
+        out.append((f"/score 1-row c={top}: ≥ 1.2× MLServer", f"{on.rps:.0f} vs {peer.rps:.0f} = {ratio:.2f}×", ratio >= 1.2))
+        out.append((f"/score 1-row c={top}: p99 ≤ MLServer's", f"{on.percentile(99):.0f} vs {peer.percentile(99):.0f} ms",
+                    on.percentile(99) <= peer.percentile(99)))  # fmt: skip
+    if half:
+        out.append(("/recommend p99 ≤ 50 ms at half saturation", f"{half['p99_ms']:.1f} ms at {half['rps']:.0f} req/s", half["p99_ms"] <= 50))
+    size = reference["model_and_tables_mb"]
+    for system, workers in memory.items():
+        worst = max(workers.values(), default=0)
+        out.append((f"{system}: worker RSS ≤ 2× model+tables", f"max {worst:.0f} MB vs 2×{size:.1f} MB", worst <= 2 * size))
+    return out
+
+
+def write_report(out: Path, cells: list[Cell], reference: dict[str, float], memory: dict[str, dict[str, float]],
+                 half: dict[str, Any], levels: list[int]) -> str:  # fmt: skip
+    machine = f"{platform.machine()}, {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}"
+    lines = [f"Machine: {machine}", "", "| system | scenario | clients | req/s | p50 ms | p95 ms | p99 ms | errors | client CPU |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for x in cells:
+        r = x.row()
+        lines.append(f"| {x.system} | {x.scenario} | {x.concurrency} | {r['rps']:.0f} | {r['p50_ms']:.1f} | "
+                     f"{r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['failed']} | {r['client_cpu_share']:.0%} |")  # fmt: skip
+    lines += ["", "In-process references (one process, no HTTP):", ""]
+    lines += [f"- {k}: {v:,.1f}" for k, v in reference.items()]
+    lines += ["", "Worker resident memory (MB):", ""]
+    lines += [f"- {system}: " + ", ".join(f"{k} {v:.0f}" for k, v in w.items()) for system, w in memory.items()]
+    lines += ["", "| bar | measured | met |", "|---|---|---|"]
+    lines += [f"| {name} | {value} | {'yes' if ok else 'no'} |" for name, value, ok in bars(cells, reference, memory, half, levels)]
+    text = "\n".join(lines)
+    (out / "perf.md").write_text(text + "\n")
+    (out / "perf.json").write_text(json.dumps({"machine": machine, "cells": [x.row() for x in cells],
+                                               "reference": reference, "memory_mb": memory,
+                                               "half_saturation": half}, indent=2))  # fmt: skip
+    plot(out / "perf.png", cells)
+    return text
+
+
+def plot(path: Path, cells: list[Cell]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scenarios = sorted({x.scenario for x in cells})
+    fig, axes = plt.subplots(2, len(scenarios), figsize=(4.5 * len(scenarios), 7), squeeze=False)
+    for j, scenario in enumerate(scenarios):
+        for system in sorted({x.system for x in cells if x.scenario == scenario}):
+            xs = sorted((x for x in cells if x.scenario == scenario and x.system == system), key=lambda x: x.concurrency)
+            conc = [x.concurrency for x in xs]
+            axes[0][j].plot(conc, [x.result.rps for x in xs], marker="o", label=system)
+            axes[1][j].plot(conc, [x.result.percentile(99) for x in xs], marker="o", label=system)
+        axes[0][j].set_title(scenario)
+        axes[0][j].set_ylabel("req/s")
+        axes[1][j].set_ylabel("p99 ms")
+        axes[1][j].set_xlabel("concurrent clients")
+        for ax in (axes[0][j], axes[1][j]):
+            ax.set_xscale("log", base=2)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Start and stop real servers for tests and benchmarks: `bentoml serve` (and any other
+command that serves HTTP) on a free loopback port, as its own process group."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+BENTOML_BIN = str(Path(sys.executable).parent / "bentoml")
+READY_TIMEOUT_S = 90.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+    ready_path: str = "/readyz"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        """SIGTERM the whole process group (serve spawns workers), SIGKILL if it lingers."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        return self.proc.returncode
+
+
+def start_process(
+    command: list[str], cwd: Path, env: dict[str, str], port: int, log_path: Path,
+    ready_path: str = "/readyz", wait: bool = True, timeout: float = READY_TIMEOUT_S,
+) -> ServerProcess:
+    full_env = {**os.environ, **env, "BENTOML_DO_NOT_TRACK": "true"}
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(command, cwd=cwd, env=full_env, stdout=log_file,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    server = ServerProcess(proc, f"http://127.0.0.1:{port}", log_path, ready_path)
+    if wait:
+        wait_ready(server, timeout)
+    return server
+
+
+def start_server(
+    serve_args: list[str], cwd: Path, env: dict[str, str], wait: bool = True
+) -> ServerProcess:
+    """`bentoml serve ARGS --host 127.0.0.1 --port <free>`; waits for /readyz when `wait`."""
+    port = free_port()
+    log_path = Path(env.get("BENTOML_HOME", cwd)) / f"serve-{port}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    command = [BENTOML_BIN, "serve", *serve_args, "--host", "127.0.0.1", "--port", str(port)]
+    return start_process(command, cwd, env, port, log_path, wait=wait)
+
+
+def wait_ready(server: ServerProcess, timeout: float = READY_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"server exited with {server.proc.returncode}:\n{server.log()[-4000:]}")
+        try:
+            if httpx.get(f"{server.url}{server.ready_path}", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    server.stop()
+    raise TimeoutError(f"{server.url} not ready after {timeout} s:\n{server.log()[-4000:]}")

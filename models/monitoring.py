@@ -1,0 +1,90 @@
+"""The service side of drift monitoring: count every scored request (models/drift.py),
+keep Prometheus gauges of PSI per feature and model version, and log a sample of inputs
+and outputs through `bentoml.monitor` to rotating files for offline reports."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import bentoml
+import numpy as np
+
+from models.drift import DriftCounter, ReferenceProfile, drift_report, merged_counts
+from models.settings import RecsysSettings
+
+MONITOR_NAME = "recsys_ranking"
+_GAUGE_REFRESH_S = 10.0
+
+
+class DriftMonitor:
+    """One per worker. Counts go to a folder shared by every worker of this serve process
+    (keyed by the serve process id and the model version), so reports are per service."""
+
+    def __init__(self, settings: RecsysSettings, model_tag: str, model_folder: Path, role: str) -> None:
+        self.settings = settings
+        self.model_tag = model_tag
+        self.profile = ReferenceProfile.load(model_folder)
+        self.folder = settings.drift_dir / str(os.getppid()) / model_tag.replace(":", "-")
+        self.counter = DriftCounter(self.profile.layout(), self.folder, role, settings.drift_window_s)
+        self._gauge_at = 0.0
+        self._psi = bentoml.metrics.Gauge(
+            name="recsys_drift_psi",
+            documentation="PSI of served feature rows (and scores) against the model's reference profile",
+            labelnames=["feature", "model_version"],
+            multiprocess_mode="mostrecent",
+        )
+        self._sample = random.Random()
+
+    async def flush_forever(self, every_s: float = 1.0) -> None:
+        """Write this worker's counts every second while they change, so that a merged
+        report is at most a second behind, also for workers that stopped getting requests."""
+        last = -1
+        while True:
+            await asyncio.sleep(every_s)
+            total = int(self.counter.counts[:, self.counter.layout.requests_slot].sum())
+            if total != last:
+                self.counter.flush()
+                last = total
+
+    def observe(self, features: np.ndarray, scores: np.ndarray, cold: bool, endpoint: str) -> None:
+        if not self.settings.drift_enabled:
+            return
+        self.counter.add(features, scores, cold=int(cold))
+        if self.settings.monitor_sample and self._sample.random() < self.settings.monitor_sample:
+            self._log(features, scores, cold, endpoint)
+        now = time.time()
+        if now - self._gauge_at >= _GAUGE_REFRESH_S:
+            self._gauge_at = now
+            self.report()
+
+    def _log(self, features: np.ndarray, scores: np.ndarray, cold: bool, endpoint: str) -> None:
+        options = {"log_path": str(self.settings.monitor_dir)}
+        with bentoml.monitor(MONITOR_NAME, monitor_class="default", monitor_options=options) as mon:
+            # BentoML knows the roles feature/prediction/target only: context goes in as features.
+            mon.log(self.model_tag, name="model_version", role="feature", data_type="categorical")
+            mon.log(endpoint, name="endpoint", role="feature", data_type="categorical")
+            mon.log(bool(cold), name="cold_start", role="feature", data_type="categorical")
+            # Unrounded: bin edges are data values, and rounding would move values across them.
+            mon.log(np.asarray(features).tolist(), name="features", role="feature",
+                    data_type="numerical_sequence")  # fmt: skip
+            mon.log(np.asarray(scores).tolist(), name="scores", role="prediction",
+                    data_type="numerical_sequence")  # fmt: skip
+
+    def report(self) -> dict[str, Any]:
+        """Merge every worker's counts in the window, compute the statistics, set gauges."""
+        if not self.settings.drift_enabled:
+            return {"model_version": self.model_tag, "enabled": False}
+        self.counter.flush()
+        s = self.settings
+        counts, workers = merged_counts(self.folder, self.counter.layout.size, s.drift_window_s, s.drift_window_rows)
+        report = drift_report(self.profile, counts, s.drift_warn, s.drift_alert)
+        for name, values in report["features"].items():
+            self._psi.labels(feature=name, model_version=self.model_tag).set(values["psi"])
+        self._psi.labels(feature="__score__", model_version=self.model_tag).set(report["score"]["psi"])
+        window = {"rows": s.drift_window_rows} if s.drift_window_rows else {"seconds": s.drift_window_s}
+        return {"model_version": self.model_tag, "window": window, "workers": workers, **report}

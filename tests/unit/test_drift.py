@@ -1,0 +1,99 @@
+"""Drift statistics and counting: PSI and KS against known cases, vectorised counting in
+the flat layout, time buckets and merging of several workers' files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from models.drift import (
+    DriftCounter,
+    ReferenceProfile,
+    bin_index,
+    build_profile,
+    drift_report,
+    ks_binned,
+    merged_counts,
+    psi,
+    quantile_edges,
+)
+from models.schema import FEATURE_NAMES, N_FEATURES
+
+RNG = np.random.default_rng(0)
+REFERENCE = RNG.normal(size=(5000, N_FEATURES)).astype(np.float32)
+REF_SCORES = RNG.normal(size=5000).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def profile() -> ReferenceProfile:
+    return build_profile(REFERENCE, REF_SCORES, cold_start_share=0.0, recommended_pop=RNG.random(100))
+
+
+def test_psi_known_values() -> None:
+    assert psi([0.5, 0.5], [50, 50]) == pytest.approx(0.0, abs=1e-9)
+    # (0.9-0.5)ln(0.9/0.5) + (0.1-0.5)ln(0.1/0.5)
+    assert psi([0.5, 0.5], [90, 10]) == pytest.approx(0.4 * np.log(1.8) + 0.4 * np.log(5), rel=1e-3)
+
+
+@given(st.lists(st.floats(0.01, 1), min_size=2, max_size=12), st.lists(st.integers(0, 100), min_size=2, max_size=12))
+def test_psi_and_ks_are_non_negative(ref: list[float], cur: list[int]) -> None:
+    n = min(len(ref), len(cur))
+    ref_arr = np.asarray(ref[:n]) / sum(ref[:n])
+    assert psi(ref_arr, cur[:n]) >= -1e-12
+    assert 0 <= ks_binned(ref_arr, np.asarray(cur[:n])) <= 1 + 1e-9
+
+
+def test_quantile_edges_and_bins() -> None:
+    edges = quantile_edges(np.arange(100, dtype=float))
+    assert len(edges) == 9
+    assert bin_index(np.array([-1.0, 1000.0]), edges).tolist() == [0, 9]
+    assert len(quantile_edges(np.array([0.0, 1.0] * 50))) <= 3  # binary: ties collapse
+
+
+def test_layout_counts_every_row_once(profile: ReferenceProfile) -> None:
+    layout = profile.layout()
+    counts = layout.count(REFERENCE[:300], REF_SCORES[:300])
+    for j in range(N_FEATURES):
+        assert layout.feature_counts(counts, j).sum() == 300
+    assert layout.score_counts(counts).sum() == 300
+
+
+def test_same_distribution_no_alert_shifted_feature_alerts(profile: ReferenceProfile) -> None:
+    layout = profile.layout()
+    same = layout.count(RNG.normal(size=(3000, N_FEATURES)).astype(np.float32), RNG.normal(size=3000))
+    report = drift_report(profile, same, warn=0.1, alert=0.25)
+    assert all(f["status"] == "ok" for f in report["features"].values())
+    shifted_rows = RNG.normal(size=(3000, N_FEATURES)).astype(np.float32)
+    shifted_rows[:, 4] += 2.0
+    report = drift_report(profile, layout.count(shifted_rows, RNG.normal(size=3000)), 0.1, 0.25)
+    statuses = {name: f["status"] for name, f in report["features"].items()}
+    assert statuses.pop(FEATURE_NAMES[4]) == "alert"
+    assert set(statuses.values()) == {"ok"}
+
+
+def test_workers_merge_and_old_buckets_leave_the_window(profile: ReferenceProfile, tmp_path: Path) -> None:
+    layout = profile.layout()
+    now = 1_000_000.0
+    a = DriftCounter(layout, tmp_path, "api-a", window_s=60, n_buckets=6)
+    b = DriftCounter(layout, tmp_path, "api-b", window_s=60, n_buckets=6)
+    a.path, b.path = tmp_path / "a.npz", tmp_path / "b.npz"  # same pid in a test: name the files
+    a.add(REFERENCE[:100], REF_SCORES[:100], now=now - 120)  # out of the 60 s window by then
+    a.add(REFERENCE[:70], REF_SCORES[:70], now=now - 15)
+    b.add(REFERENCE[:30], REF_SCORES[:30], cold=1, now=now - 1)
+    a.flush()
+    b.flush()
+    counts, workers = merged_counts(tmp_path, layout.size, window_s=60, window_rows=None, now=now)
+    assert workers == 2
+    assert layout.score_counts(counts).sum() == 100
+    assert counts[layout.requests_slot] == 2 and counts[layout.cold_slot] == 1
+    by_rows, _ = merged_counts(tmp_path, layout.size, window_s=None, window_rows=30, now=now)
+    assert layout.score_counts(by_rows).sum() == 30  # newest bucket alone holds 30 rows
+
+
+def test_profile_round_trips_as_json(profile: ReferenceProfile, tmp_path: Path) -> None:
+    profile.save(tmp_path)
+    assert ReferenceProfile.load(tmp_path) == profile

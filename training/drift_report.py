@@ -1,0 +1,130 @@
+"""Offline drift report: read what the service logged through `bentoml.monitor`, compare it
+with a model version's reference profile, and write one self-contained HTML page with the
+reference and current histogram of every feature and of the score.
+
+    python -m training drift-report --logs monitoring --model recsys-ranker:latest --out drift.html
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from models.drift import ReferenceProfile, frequencies, ks_binned, psi, status
+from models.monitoring import MONITOR_NAME
+from models.schema import FEATURE_NAMES, N_FEATURES
+from models.settings import RecsysSettings
+from models.store import open_version
+
+
+@dataclass(frozen=True)
+class LoggedTraffic:
+    features: np.ndarray
+    scores: np.ndarray
+    requests: int
+    cold: int
+
+
+def read_logs(logs: Path, model_tag: str) -> LoggedTraffic:
+    """Every logged request of `model_tag` under `logs` (the monitor's log_path)."""
+    rows: list[list[float]] = []
+    scores: list[float] = []
+    requests = cold = 0
+    files = sorted((logs / MONITOR_NAME / "data").glob("data.*.log*"))
+    if not files:
+        raise FileNotFoundError(f"{logs}: no {MONITOR_NAME}/data/data.*.log files (is RECSYS_MONITOR_DIR right?)")
+    for path in files:
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if record.get("model_version") != model_tag:
+                continue
+            requests += 1
+            cold += bool(record.get("cold_start"))
+            rows.extend(record.get("features") or [])
+            scores.extend(record.get("scores") or [])
+    matrix = np.asarray(rows, dtype=np.float32).reshape(-1, N_FEATURES)
+    return LoggedTraffic(matrix, np.asarray(scores, dtype=np.float32), requests, cold)
+
+
+def _histogram_png(name: str, edges: list[float], reference: list[float], current: np.ndarray) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = ["≤ %.3g" % edges[0]] if edges else ["all"]
+    labels += ["%.3g – %.3g" % (a, b) for a, b in zip(edges[:-1], edges[1:])]
+    if edges:
+        labels.append("> %.3g" % edges[-1])
+    x = np.arange(len(reference))
+    fig, ax = plt.subplots(figsize=(6, 2.6))
+    ax.bar(x - 0.2, reference, width=0.4, label="reference")
+    ax.bar(x + 0.2, current, width=0.4, label="current")
+    ax.set_xticks(x, labels, rotation=45, ha="right", fontsize=7)
+    ax.set_title(name, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def write_report(profile: ReferenceProfile, traffic: LoggedTraffic, model_tag: str, out: Path,
+                 warn: float, alert: float) -> dict[str, dict[str, float | str]]:  # fmt: skip
+    """Write the HTML page; return {name: {psi, status}} for every feature and the score."""
+    results: dict[str, dict[str, float | str]] = {}
+    sections = []
+    columns = [(name, profile.feature_edges[j], profile.feature_freqs[j], traffic.features[:, j])
+               for j, name in enumerate(FEATURE_NAMES)]  # fmt: skip
+    columns.append(("score", profile.score_edges, profile.score_freqs, traffic.scores))
+    for name, edges, ref, values in columns:
+        current = frequencies(values, np.asarray(edges)) if len(values) else np.zeros(len(ref))
+        value = psi(ref, current * max(len(values), 1))
+        results[name] = {"psi": round(value, 5), "status": status(value, warn, alert)}
+        if name == "score":
+            results[name]["ks"] = round(ks_binned(np.asarray(ref), current), 5)
+        png = _histogram_png(name, edges, ref, current)
+        sections.append(f"<h3>{html.escape(name)}: PSI {value:.4f} ({results[name]['status']})</h3>"
+                        f'<img src="data:image/png;base64,{png}" alt="{html.escape(name)}">')  # fmt: skip
+    rows = "".join(f"<tr><td>{html.escape(n)}</td><td>{r['psi']}</td><td>{r['status']}</td></tr>"
+                   for n, r in results.items())  # fmt: skip
+    cold = traffic.cold / traffic.requests if traffic.requests else 0.0
+    out.write_text(
+        "<!doctype html><html><head><meta charset='utf-8'><title>Drift report</title></head><body>"
+        f"<h1>Drift report for {html.escape(model_tag)}</h1>"
+        f"<p>{traffic.requests} logged requests, {len(traffic.scores)} scored rows; cold-start share "
+        f"{cold:.3f} (reference {profile.cold_start_share:.3f}). Thresholds: warn {warn}, alert {alert}.</p>"
+        f"<table border='1'><tr><th>feature</th><th>PSI</th><th>status</th></tr>{rows}</table>"
+        + "".join(sections) + "</body></html>"
+    )
+    return results
+
+
+def build_parser(settings: RecsysSettings) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training drift-report", description=__doc__.splitlines()[0])
+    p.add_argument("--logs", type=Path, default=settings.monitor_dir, help="the monitor log folder")
+    p.add_argument("--model", default=settings.resolved_tag, help="model tag (default: the newest)")
+    p.add_argument("--out", type=Path, default=Path("drift-report.html"))
+    return p
+
+
+def main(argv: list[str]) -> int:
+    settings = RecsysSettings()
+    args = build_parser(settings).parse_args(argv)
+    version = open_version(args.model)
+    traffic = read_logs(args.logs, version.tag)
+    results = write_report(ReferenceProfile.load(version.path), traffic, version.tag, args.out,
+                           settings.drift_warn, settings.drift_alert)  # fmt: skip
+    alerts = [n for n, r in results.items() if r["status"] == "alert"]
+    print(f"{args.out}: {traffic.requests} requests, {len(traffic.scores)} rows; alerts: {alerts or 'none'}")
+    return 0
