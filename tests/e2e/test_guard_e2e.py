@@ -26,7 +26,8 @@ def guarded(trained: TrainResult, bentoml_home: Path) -> Iterator[ServerProcess]
     assert trained.tag is not None
     proc = start_server(["service:ApiService"], cwd=PROJECT_ROOT, env={
         "BENTOML_HOME": str(bentoml_home), "RECSYS_MODEL_TAG": trained.tag,
-        "RECSYS_API_KEYS": ",".join(KEYS), "RECSYS_MAX_IN_FLIGHT": "4",
+        "RECSYS_API_KEYS": ",".join(KEYS), "RECSYS_MAX_IN_FLIGHT": "4", "RECSYS_API_WORKERS": "1",
+        "RECSYS_ACCESS_LOG": "true",  # to show that the access log does not carry the keys
     })  # fmt: skip
     try:
         yield proc
