@@ -25,7 +25,7 @@ from models.api_schema import (
     ScoreResponse,
     input_error,
 )
-from models.bentoml_patches import cache_media_types, delay_sigterm, patch_openapi
+from models.bentoml_patches import cache_media_types, cap_batch_wait, delay_sigterm, patch_openapi
 from models.guard import RequestGuard
 from models.monitoring import DriftMonitor
 from models.recommender import Recommender, UnknownItemsError
@@ -35,6 +35,7 @@ from models.store import open_version, predict_scores, serving_tag
 
 settings = RecsysSettings()  # configuration only: decorators below need it at import
 cache_media_types()
+cap_batch_wait(settings.max_batch_wait_ms / 1000)
 MODEL_TAG = serving_tag(settings, Path(__file__))
 NO_ROWS = np.zeros((0, N_FEATURES), dtype=FEATURE_DTYPE)
 NO_SCORES = np.zeros(0, dtype=FEATURE_DTYPE)

@@ -24,10 +24,11 @@ class CoocScores:
     best: np.ndarray  # max over the recent items
     last: np.ndarray  # with the most recent item only
     rank: np.ndarray  # 0 = highest score
+    order: np.ndarray  # positions in `items`, highest score first (ties: lower item first)
 
     @classmethod
     def empty(cls) -> CoocScores:
-        return cls(_EMPTY_I, _EMPTY_F, _EMPTY_F, _EMPTY_F, _EMPTY_I)
+        return cls(_EMPTY_I, _EMPTY_F, _EMPTY_F, _EMPTY_F, _EMPTY_I, _EMPTY_I)
 
     def lookup(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Position of each item in `self.items`, and whether it is there at all."""
@@ -65,9 +66,18 @@ def cooc_scores(tables: ServingTables, recent: np.ndarray, params: CandidatePara
     best = np.zeros(len(items))
     np.maximum.at(best, inverse, sims)
     last = np.bincount(inverse, weights=sims * (position == 0), minlength=len(items))
+    order = np.lexsort((items, -score))
     rank = np.empty(len(items), dtype=np.int32)
-    rank[np.lexsort((items, -score))] = np.arange(len(items), dtype=np.int32)
-    return CoocScores(items.astype(np.int32), score, best, last, rank)
+    rank[order] = np.arange(len(items), dtype=np.int32)
+    return CoocScores(items.astype(np.int32), score, best, last, rank, order)
+
+
+def _without(values: np.ndarray, excluded: np.ndarray) -> np.ndarray:
+    """`values` not in `excluded`. Item ids are dense indices, so numpy's lookup-table
+    membership test is ~3x faster here than its sorting one."""
+    if len(excluded) == 0 or len(values) == 0:
+        return values
+    return values[~np.isin(values, excluded, kind="table")]
 
 
 def generate_candidates(
@@ -80,14 +90,8 @@ def generate_candidates(
     de-duplicated; items the user has are left out when `exclude_seen`."""
     cooc = cooc_scores(tables, recent_items(tables, user, params), params)
     seen = tables.history(user) if (exclude_seen and user is not None) else _EMPTY_I
-    by_score = cooc.items[np.argsort(cooc.rank)]
-    if len(seen):
-        by_score = by_score[~np.isin(by_score, seen)]
-    from_cooc = by_score[: params.n_cooc]
+    from_cooc = _without(cooc.items[cooc.order], seen)[: params.n_cooc]
     # Enough popular items that n_pop survive removing seen and already chosen ones.
-    head = tables.pop_order[: params.n_pop + len(from_cooc) + len(np.unique(seen))]
-    head = head[~np.isin(head, from_cooc)]
-    if len(seen):
-        head = head[~np.isin(head, seen)]
-    from_pop = head[: params.n_pop]
+    head = tables.pop_order[: params.n_pop + len(from_cooc) + len(seen)]
+    from_pop = _without(_without(head, from_cooc), seen)[: params.n_pop]
     return np.concatenate((from_cooc, from_pop)).astype(np.int32), cooc

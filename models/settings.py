@@ -36,6 +36,10 @@ class RecsysSettings(BaseSettings):
     max_latency_ms: int = Field(
         1000, ge=1, description="Adaptive batching latency budget; too small sheds load with 503."
     )
+    max_batch_wait_ms: float = Field(
+        2.0, ge=0, description="Longest the batcher holds a request hoping for a fuller batch "
+        "(BentoML learns it from traffic; uncapped it stuck at ~20 ms after bursts)."
+    )
     # BentoML 1.4 recycles the caller's connection to a dependency every 100 requests and
     # closes it with requests in flight (500 "Server disconnected" under bursts). Large
     # limits keep one connection alive; see ../shared/NOTES.md.

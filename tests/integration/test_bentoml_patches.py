@@ -60,3 +60,17 @@ def test_media_types_are_computed_once_per_output_type(monkeypatch: pytest.Monke
     for _ in range(5):
         assert output.mime_type() == first == "application/json"
     assert len(calls) <= 1
+
+
+def test_batcher_wait_is_capped() -> None:
+    """After a burst the learned wait was the average of long waits (~20 ms) and held
+    single requests that long at low load; the cap bounds it."""
+    import service  # applies the patch with the setting
+
+    dispatcher = importlib.import_module("bentoml._internal.marshal.dispatcher")
+    optimizer = dispatcher.Optimizer(max_latency=1.0)
+    for _ in range(20):
+        optimizer.o_stat.append((8, 0.004, 0.025))  # batches of 8 that waited 25 ms
+    optimizer.trigger_refresh()
+    assert optimizer.wait <= service.settings.max_batch_wait_ms / 1000
+    assert optimizer.o_a > 0  # the rest of the model is still learned
