@@ -151,3 +151,46 @@ async def run_load(
         timeline=timeline,
         started_at=start,
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m bench.loadgen URL BODIES.jsonl --concurrency N --duration S [--rate R]`:
+    POST the bodies (cycled) and print the result as JSON (the benchmark's own process)."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m bench.loadgen")
+    p.add_argument("url")
+    p.add_argument("bodies", help="a file of JSON bodies, one per line")
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--rate", type=float, default=None)
+    p.add_argument("--warmup", type=float, default=0.0)
+    args = p.parse_args(argv)
+    with open(args.bodies) as fh:
+        bodies = [json.loads(line) for line in fh if line.strip()]
+
+    def body(i: int) -> dict[str, Any]:
+        return bodies[i % len(bodies)]  # type: ignore[no-any-return]
+
+    if args.warmup:
+        asyncio.run(run_load(args.url, body, args.concurrency, args.warmup))
+    result = asyncio.run(run_load(args.url, body, args.concurrency, args.duration, rate=args.rate))
+    json.dump({"duration_s": result.duration_s, "latencies_ms": result.latencies_ms.tolist(),
+               "statuses": result.statuses, "errors": result.errors, "client_cpu_s": result.client_cpu_s},
+              sys.stdout)  # fmt: skip
+    return 0
+
+
+def load_from_json(data: dict[str, Any]) -> LoadResult:
+    return LoadResult(
+        duration_s=data["duration_s"],
+        latencies_ms=np.asarray(data["latencies_ms"]),
+        statuses=Counter({int(k): v for k, v in data["statuses"].items()}),
+        errors=Counter(data["errors"]),
+        client_cpu_s=data["client_cpu_s"],
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -14,7 +14,6 @@ XGBoost runtime serving the same booster (installed in bench/.venv-mlserver).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
@@ -29,7 +28,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from bench.loadgen import BodyFactory, LoadResult, run_load
+from bench.loadgen import BodyFactory, LoadResult, load_from_json
 from bench.servers import ServerProcess, free_port, start_process, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,8 +148,17 @@ def start_mlserver(tag: str, workdir: Path) -> ServerProcess:
 
 
 def measure(url: str, body: BodyFactory, concurrency: int, seconds: float, rate: float | None = None) -> LoadResult:
-    asyncio.run(run_load(url, body, concurrency, min(2.0, seconds)))  # warm-up
-    return asyncio.run(run_load(url, body, concurrency, seconds, rate=rate))
+    """The load generator runs in a process of its own (this one holds a model in memory)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as fh:
+        for i in range(2000):
+            fh.write(json.dumps(body(i)) + "\n")
+    command = [sys.executable, "-m", "bench.loadgen", url, fh.name, "--concurrency", str(concurrency),
+               "--duration", str(seconds), "--warmup", str(min(2.0, seconds))]  # fmt: skip
+    if rate is not None:
+        command += ["--rate", str(rate)]
+    out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True, timeout=seconds + 120)
+    Path(fh.name).unlink()
+    return load_from_json(json.loads(out.stdout))
 
 
 def train_model(home: Path) -> str:

@@ -84,7 +84,7 @@ class RecsysSettings(BaseSettings):
     )
     monitor_dir: Path = Field(Path("monitoring"), description="bentoml.monitor log folder.")
     monitor_sample: float = Field(
-        0.01, ge=0, le=1, description="Share of requests whose features and scores are logged."
+        0.001, ge=0, le=1, description="Share of requests whose features and scores are logged."
     )
 
     def api_key_list(self) -> list[str]:

@@ -97,3 +97,24 @@ def test_workers_merge_and_old_buckets_leave_the_window(profile: ReferenceProfil
 def test_profile_round_trips_as_json(profile: ReferenceProfile, tmp_path: Path) -> None:
     profile.save(tmp_path)
     assert ReferenceProfile.load(tmp_path) == profile
+
+
+def _count_per_column(layout, features: np.ndarray, scores: np.ndarray) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """The plain reference: one search per column."""
+    flat = np.zeros(layout.size, dtype=np.int64)
+    for j, edges in enumerate(layout.feature_edges):
+        np.add.at(flat, bin_index(features[:, j], edges) + layout.feature_offsets[j], 1)
+    np.add.at(flat, bin_index(scores, layout.score_edges) + layout.score_offset, 1)
+    return flat
+
+
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 300), scale=st.sampled_from([1e-3, 1.0, 1e3, 1e9]))
+def test_one_search_counts_like_one_search_per_column(seed: int, n: int, scale: float) -> None:
+    rng = np.random.default_rng(seed)
+    reference = np.round(rng.normal(size=(400, N_FEATURES)) * 3) / 3  # ties, like real features
+    profile = build_profile(reference.astype(np.float32), rng.normal(size=400).astype(np.float32), 0.0, rng.random(10))
+    layout = profile.layout()
+    # values on the edges, between them and far outside them
+    features = np.vstack([reference[rng.integers(0, 400, n)], rng.normal(size=(n, N_FEATURES)) * scale]).astype(np.float32)
+    scores = np.concatenate([rng.normal(size=n), rng.normal(size=n) * scale]).astype(np.float32)
+    assert (layout.count(features, scores) == _count_per_column(layout, features, scores)).all()
