@@ -42,7 +42,8 @@ class DriftMonitor:
 
     async def flush_forever(self, every_s: float = 1.0) -> None:
         """Write this worker's counts every second while they change, so that a merged
-        report is at most a second behind, also for workers that stopped getting requests."""
+        report is at most a second behind, also for workers that stopped getting requests;
+        refresh the gauges every few seconds. Off the request path."""
         last = -1
         while True:
             await asyncio.sleep(every_s)
@@ -50,6 +51,10 @@ class DriftMonitor:
             if total != last:
                 self.counter.flush()
                 last = total
+            now = time.time()
+            if self.settings.drift_enabled and now - self._gauge_at >= _GAUGE_REFRESH_S:
+                self._gauge_at = now
+                self.report()
 
     def observe(self, features: np.ndarray, scores: np.ndarray, cold: bool, endpoint: str) -> None:
         if not self.settings.drift_enabled:
@@ -57,10 +62,6 @@ class DriftMonitor:
         self.counter.add(features, scores, cold=int(cold))
         if self.settings.monitor_sample and self._sample.random() < self.settings.monitor_sample:
             self._log(features, scores, cold, endpoint)
-        now = time.time()
-        if now - self._gauge_at >= _GAUGE_REFRESH_S:
-            self._gauge_at = now
-            self.report()
 
     def _log(self, features: np.ndarray, scores: np.ndarray, cold: bool, endpoint: str) -> None:
         options = {"log_path": str(self.settings.monitor_dir)}
