@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import time
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,7 +16,7 @@ import aiohttp
 import bentoml
 import numpy as np
 from bentoml.exceptions import InvalidArgument, ServiceUnavailable
-from pydantic import Field, StrictBool, StrictInt
+from pydantic import Field, StrictBool, StrictInt, ValidationError
 
 from models.api_schema import (
     ExternalId,
@@ -22,7 +24,9 @@ from models.api_schema import (
     ModelResponse,
     RankResponse,
     RecommendResponse,
+    Routing,
     ScoreResponse,
+    VersionInfo,
     input_error,
 )
 from models.bentoml_patches import cache_media_types, cap_batch_wait, delay_sigterm, patch_openapi
@@ -31,12 +35,15 @@ from models.monitoring import DriftMonitor
 from models.recommender import Recommender, UnknownItemsError
 from models.schema import FEATURE_DTYPE, FEATURE_NAMES, N_FEATURES
 from models.settings import RecsysSettings
-from models.store import open_version, predict_scores, serving_tag
+from models.registry import serving_plan
+from models.store import ModelCheckError, open_version, predict_scores
+from models.variants import TrafficLog, Variant, routes_to_challenger
 
 settings = RecsysSettings()  # configuration only: decorators below need it at import
 cache_media_types()
 cap_batch_wait(settings.max_batch_wait_ms / 1000)
-MODEL_TAG = serving_tag(settings, Path(__file__))
+# Exact versions, resolved once: `bentoml build` pins what this resolves to.
+PLAN = serving_plan(settings, Path(__file__))
 NO_ROWS = np.zeros((0, N_FEATURES), dtype=FEATURE_DTYPE)
 NO_SCORES = np.zeros(0, dtype=FEATURE_DTYPE)
 
@@ -59,6 +66,16 @@ def documented_limits(func: Any) -> Any:
     return func
 
 
+def _model(tag: str | None) -> bentoml.models.BentoModel | None:
+    return bentoml.models.BentoModel(tag) if tag else None
+
+
+def _check_features(features: np.ndarray) -> np.ndarray:
+    if features.ndim != 2 or features.shape[1] != N_FEATURES:
+        raise InvalidArgument(f"features: shape {features.shape}, expected (n, {N_FEATURES})")
+    return features.astype(FEATURE_DTYPE, copy=False)
+
+
 @bentoml.service(
     workers=settings.ranker_workers,
     resources={"cpu": str(settings.ranker_cpu)},
@@ -67,14 +84,23 @@ def documented_limits(func: Any) -> Any:
     runner_connection={"max_requests": settings.runner_max_requests, "max_age": settings.runner_max_age_s},
 )
 class RankerService:
-    """Scores (n, N_FEATURES) float32 matrices with the XGBoost ranker."""
+    """Scores (n, N_FEATURES) float32 matrices with the champion's XGBoost ranker (and the
+    challenger's, when one is loaded)."""
 
-    bento_model = bentoml.models.BentoModel(MODEL_TAG)
+    # Declaration order matters: a Bento lists its models in it (champion, then challenger).
+    bento_model = bentoml.models.BentoModel(PLAN.champion)
+    challenger_model = _model(PLAN.challenger)
 
     def __init__(self) -> None:
-        version = open_version(str(type(self).bento_model.tag))
-        self.tag = version.tag
-        self.booster = version.load_booster(settings.nthread)
+        cls = type(self)
+        champion = open_version(str(cls.bento_model.tag))
+        self.tags: dict[str, str | None] = {"champion": champion.tag, "challenger": None}
+        self.booster = champion.load_booster(settings.nthread)
+        self.challenger_booster = None
+        if cls.challenger_model is not None:
+            challenger = open_version(str(cls.challenger_model.tag))
+            self.tags["challenger"] = challenger.tag
+            self.challenger_booster = challenger.load_booster(settings.nthread)
 
     @bentoml.on_startup
     def drain_on_shutdown(self) -> None:
@@ -90,13 +116,23 @@ class RankerService:
         max_latency_ms=settings.max_latency_ms,
     )
     def score(self, features: np.ndarray) -> np.ndarray:
-        if features.ndim != 2 or features.shape[1] != N_FEATURES:
-            raise InvalidArgument(f"features: shape {features.shape}, expected (n, {N_FEATURES})")
-        return predict_scores(self.booster, features.astype(FEATURE_DTYPE, copy=False))
+        return predict_scores(self.booster, _check_features(features))
+
+    # Its own batch queue: a batch is scored by one booster.
+    @bentoml.api(
+        batchable=settings.batching,
+        batch_dim=0,
+        max_batch_size=settings.max_batch_size,
+        max_latency_ms=settings.max_latency_ms,
+    )
+    def score_challenger(self, features: np.ndarray) -> np.ndarray:
+        if self.challenger_booster is None:
+            raise ServiceUnavailable("no challenger loaded (RECSYS_CHALLENGER_MODE is off)")
+        return predict_scores(self.challenger_booster, _check_features(features))
 
     @bentoml.api
-    def model_tag(self) -> str:
-        return self.tag
+    def model_tags(self) -> dict[str, str | None]:
+        return self.tags
 
 
 @bentoml.service(
@@ -108,44 +144,145 @@ class ApiService:
     """The public recommendation API."""
 
     ranker = bentoml.depends(RankerService)
-    bento_model = bentoml.models.BentoModel(MODEL_TAG)
+    bento_model = bentoml.models.BentoModel(PLAN.champion)
+    challenger_model = _model(PLAN.challenger)
 
     @bentoml.on_deployment
     def check_model() -> None:
-        """Once, before any worker starts: a version that fails its checks stops `serve`."""
-        open_version(MODEL_TAG)
+        """Once, before any worker starts: no resolvable version, or a version that fails its
+        checks, stops `serve`."""
+        if PLAN.problem:
+            raise ModelCheckError(PLAN.problem)
+        open_version(PLAN.champion)
+        if PLAN.challenger:
+            open_version(PLAN.challenger)
 
     def __init__(self) -> None:
-        self.version = open_version(str(type(self).bento_model.tag))
-        self.recommender = Recommender(self.version.load_tables(), self.version.params)
-        self.drift = DriftMonitor(settings, self.version.tag, self.version.path, role="api")
+        cls = type(self)
+        self.champion = self._load("champion", str(cls.bento_model.tag), "score")
+        self.challenger: Variant | None = None
+        if cls.challenger_model is not None:
+            self.challenger = self._load("challenger", str(cls.challenger_model.tag), "score_challenger")
+        self.traffic = TrafficLog(settings)
+        self._shadow_tasks: set[asyncio.Task[None]] = set()
         self._ranker_checked = False
+
+    @staticmethod
+    def _load(role: Any, tag: str, score_api: str) -> Variant:
+        version = open_version(tag)
+        recommender = Recommender(version.load_tables(), version.params)
+        drift = DriftMonitor(settings, version.tag, version.path, role="api")
+        return Variant(role, version, recommender, drift, score_api)
+
+    @property
+    def variants(self) -> list[Variant]:
+        return [self.champion] + ([self.challenger] if self.challenger else [])
 
     @bentoml.on_startup
     async def start_drift_flusher(self) -> None:
-        self._flusher = asyncio.get_running_loop().create_task(self.drift.flush_forever())
+        loop = asyncio.get_running_loop()
+        self._flushers = [loop.create_task(v.drift.flush_forever()) for v in self.variants]
         freeze_startup_heap()
 
-    async def _score(self, features: np.ndarray) -> np.ndarray:
+    def _variant_for(self, user_id: str) -> Variant:
+        """Split mode: a stable share of users goes to the challenger."""
+        if (
+            self.challenger is not None
+            and settings.challenger_mode == "split"
+            and routes_to_challenger(user_id, settings.challenger_share, settings.routing_salt)
+        ):
+            return self.challenger
+        return self.champion
+
+    async def _score(self, variant: Variant, features: np.ndarray) -> np.ndarray:
         try:
             if not self._ranker_checked:
                 await self._check_ranker()
             if len(features) == 0:
                 return np.zeros(0, dtype=FEATURE_DTYPE)
-            return np.asarray(await self.ranker.to_async.score(features))
+            return np.asarray(await getattr(self.ranker.to_async, variant.score_api)(features))
         except aiohttp.ClientError as err:
             # The ranking service is gone (shutting down, or a worker died): a retryable 503,
             # not a 500.
             raise ServiceUnavailable(f"ranking service unreachable: {err}") from err
 
     async def _check_ranker(self) -> None:
-        """Both services resolve the model tag on their own; refuse to mix versions."""
-        ranker_tag = await self.ranker.to_async.model_tag()
-        if ranker_tag != self.version.tag:
-            raise ServiceUnavailable(
-                f"model mismatch: the ranking service serves {ranker_tag}, the API {self.version.tag}"
-            )
+        """Both services resolve the model tags on their own; refuse to mix versions."""
+        ranker_tags = await self.ranker.to_async.model_tags()
+        ours = {"champion": self.champion.tag, "challenger": self.challenger.tag if self.challenger else None}
+        if ranker_tags != ours:
+            raise ServiceUnavailable(f"model mismatch: the ranking service serves {ranker_tags}, the API {ours}")
         self._ranker_checked = True
+
+    def _shadow(self, endpoint: str, user_id: str, served: list[dict[str, Any]],
+                run: Coroutine[Any, Any, RecommendResponse | RankResponse]) -> None:  # fmt: skip
+        """Shadow mode: the challenger ranks the same request after the response is on its
+        way; its result is logged, never returned. Bounded: beyond max_in_flight, skipped."""
+        if len(self._shadow_tasks) >= settings.max_in_flight:
+            run.close()
+            assert self.challenger is not None
+            self.traffic.shadow_failed(self.challenger.tag, OverflowError("too many shadow requests"))
+            return
+        task = asyncio.get_running_loop().create_task(self._run_shadow(endpoint, user_id, served, run))
+        self._shadow_tasks.add(task)
+        task.add_done_callback(self._shadow_tasks.discard)
+
+    async def _run_shadow(self, endpoint: str, user_id: str, served: list[dict[str, Any]],
+                          run: Coroutine[Any, Any, RecommendResponse | RankResponse]) -> None:  # fmt: skip
+        assert self.challenger is not None
+        start = time.perf_counter()
+        try:
+            result = await run
+        except (ServiceUnavailable, ValidationError, aiohttp.ClientError) as err:
+            self.traffic.shadow_failed(self.challenger.tag, err)
+            return
+        self.traffic.log_shadow(
+            endpoint, user_id, (self.champion.tag, [i["item_id"] for i in served]),
+            (self.challenger.tag, [i.item_id for i in result.items]), time.perf_counter() - start,
+        )  # fmt: skip
+
+    def _served(self, endpoint: str, variant: Variant, shadow: bool, start: float,
+                request: dict[str, Any], items: list[dict[str, Any]]) -> None:  # fmt: skip
+        self.traffic.served(endpoint, "shadow" if shadow else variant.role, variant.tag, time.perf_counter() - start)
+        if not shadow:
+            self.traffic.log_request(endpoint, variant.role, variant.tag, request, [i["item_id"] for i in items])
+
+    async def _recommend(self, variant: Variant, user_id: str, k: int, exclude_seen: bool,
+                         shadow: bool = False) -> RecommendResponse:  # fmt: skip
+        start = time.perf_counter()
+        rec = variant.recommender
+        user = rec.user_index(user_id)
+        if user is None:
+            variant.drift.observe(NO_ROWS, NO_SCORES, cold=True, endpoint="recommend")
+            items = rec.describe(rec.popular(k), None)
+            reason: str | None = "unknown user: most popular items"
+        else:
+            prepared = rec.prepare_recommend(user, exclude_seen)
+            scores = await self._score(variant, prepared.features)
+            variant.drift.observe(prepared.features, scores, cold=False, endpoint="recommend")
+            items, reason = rec.ranked(prepared, scores, k), None
+        self._served("recommend", variant, shadow, start, {"user_id": user_id, "k": k, "exclude_seen": exclude_seen}, items)
+        return RecommendResponse(
+            user_id=user_id, items=items, model_tag=variant.tag, variant=variant.role,
+            fallback=user is None, fallback_reason=reason,
+        )  # fmt: skip
+
+    async def _rank(self, variant: Variant, user_id: str, item_ids: list[str], shadow: bool = False) -> RankResponse:
+        start = time.perf_counter()
+        rec = variant.recommender
+        try:
+            items = rec.item_indices(item_ids)
+        except UnknownItemsError as err:
+            raise input_error("item_ids", "unknown_item_ids", str(err)) from err
+        user = rec.user_index(user_id)
+        prepared = rec.prepare_rank(user, items)
+        scores = await self._score(variant, prepared.features)
+        variant.drift.observe(prepared.features, scores, cold=user is None, endpoint="rank")
+        ranked = rec.ranked(prepared, scores, len(items))
+        self._served("rank", variant, shadow, start, {"user_id": user_id, "item_ids": item_ids}, ranked)
+        return RankResponse(
+            user_id=user_id, items=ranked, model_tag=variant.tag, variant=variant.role, cold_start=user is None,
+        )  # fmt: skip
 
     @bentoml.api
     @documented_limits
@@ -155,22 +292,14 @@ class ApiService:
         k: Annotated[StrictInt, Field(ge=1, le=settings.max_k, description="How many items.")] = 10,
         exclude_seen: StrictBool = True,
     ) -> RecommendResponse:
-        """Top-k items for a user; unknown users get the most popular items (a fallback)."""
-        user = self.recommender.user_index(user_id)
-        if user is None:
-            self.drift.observe(NO_ROWS, NO_SCORES, cold=True, endpoint="recommend")
-            items = self.recommender.describe(self.recommender.popular(k), None)
-            return RecommendResponse(
-                user_id=user_id, items=items, model_tag=self.version.tag,
-                fallback=True, fallback_reason="unknown user: most popular items",
-            )  # fmt: skip
-        prepared = self.recommender.prepare_recommend(user, exclude_seen)
-        scores = await self._score(prepared.features)
-        self.drift.observe(prepared.features, scores, cold=False, endpoint="recommend")
-        return RecommendResponse(
-            user_id=user_id, items=self.recommender.ranked(prepared, scores, k),
-            model_tag=self.version.tag, fallback=False,
-        )  # fmt: skip
+        """Top-k items for a user; unknown users get the most popular items (a fallback).
+        `model_tag` and `variant` name the version that ranked them."""
+        variant = self._variant_for(user_id)
+        response = await self._recommend(variant, user_id, k, exclude_seen)
+        if self.challenger is not None and settings.challenger_mode == "shadow":
+            served = [i.model_dump() for i in response.items]
+            self._shadow("recommend", user_id, served, self._recommend(self.challenger, user_id, k, exclude_seen, shadow=True))
+        return response
 
     @bentoml.api
     @documented_limits
@@ -181,18 +310,11 @@ class ApiService:
     ) -> RankResponse:
         """The given items ordered by the ranker's score for this user. Unknown item ids are
         a 400 naming them; an unknown user is ranked without history (cold_start)."""
-        try:
-            items = self.recommender.item_indices(item_ids)
-        except UnknownItemsError as err:
-            raise input_error("item_ids", "unknown_item_ids", str(err)) from err
-        user = self.recommender.user_index(user_id)
-        prepared = self.recommender.prepare_rank(user, items)
-        scores = await self._score(prepared.features)
-        self.drift.observe(prepared.features, scores, cold=user is None, endpoint="rank")
-        return RankResponse(
-            user_id=user_id, items=self.recommender.ranked(prepared, scores, len(items)),
-            model_tag=self.version.tag, cold_start=user is None,
-        )  # fmt: skip
+        response = await self._rank(self._variant_for(user_id), user_id, item_ids)
+        if self.challenger is not None and settings.challenger_mode == "shadow":
+            served = [i.model_dump() for i in response.items]
+            self._shadow("rank", user_id, served, self._rank(self.challenger, user_id, item_ids, shadow=True))
+        return response
 
     @bentoml.api
     @documented_limits
@@ -200,36 +322,35 @@ class ApiService:
         self,
         rows: Annotated[list[FeatureRow], Field(min_length=1, max_length=settings.max_score_rows)],  # type: ignore[valid-type]
     ) -> ScoreResponse:
-        """Ranker scores for rows of raw features, one field per schema feature."""
+        """Champion scores for rows of raw features, one field per schema feature."""
         matrix = np.array([[getattr(r, n) for n in FEATURE_NAMES] for r in rows], dtype=FEATURE_DTYPE)
-        scores = await self._score(matrix)
-        self.drift.observe(matrix, scores, cold=False, endpoint="score")
-        return ScoreResponse(scores=scores.tolist(), model_tag=self.version.tag)
+        scores = await self._score(self.champion, matrix)
+        self.champion.drift.observe(matrix, scores, cold=False, endpoint="score")
+        return ScoreResponse(scores=scores.tolist(), model_tag=self.champion.tag)
 
     @bentoml.api(route="/drift")
     @documented_limits
     def drift_status(self) -> dict[str, Any]:
         """Drift of the served traffic against the model's reference profile, merged over
         every worker: PSI and status (ok, warn, alert) per feature and for the score, KS for
-        the score, the cold-start share, the window and the model version."""
-        return self.drift.report()
+        the score, the cold-start share, the window and the model version. With a challenger
+        loaded, its own report is under `challenger`."""
+        report = self.champion.drift.report()
+        report["challenger"] = self.challenger.drift.report() if self.challenger else None
+        return report
 
     @bentoml.api(route="/model")
     @documented_limits
     def model_info(self) -> ModelResponse:
-        """The served model version: tag, creation time, metrics, dataset and schema."""
-        meta: dict[str, Any] = self.version.metadata
+        """The served versions: tag, creation time, metrics, dataset and schema of the
+        champion (and of the challenger, if loaded), and how users are routed."""
+        infos = [VersionInfo.of(v.tag, v.version.creation_time, v.version.metadata) for v in self.variants]
         return ModelResponse(
-            tag=self.version.tag,
-            creation_time=self.version.creation_time,
-            metrics=meta["metrics"],
-            dataset=meta["dataset"],
-            feature_schema=meta["feature_schema"],
-            schema_hash=meta["schema_hash"],
-            params=meta["params"],
-            code_version=meta["code_version"],
-            versions=meta["versions"],
-        )
+            **infos[0].model_dump(),
+            challenger=infos[1] if len(infos) > 1 else None,
+            routing=Routing(mode=settings.challenger_mode if self.challenger else "off",
+                            challenger_share=settings.challenger_share),
+        )  # fmt: skip
 
 
 patch_openapi("ApiService", {api.route for api in ApiService.apis.values()})

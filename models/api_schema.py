@@ -37,10 +37,14 @@ class RecommendedItem(BaseModel):
     genres: list[str]
 
 
+VARIANT_DESCRIPTION = "Which served version ranked it: champion or challenger."
+
+
 class RecommendResponse(BaseModel):
     user_id: str
     items: list[RecommendedItem]
     model_tag: str
+    variant: str = Field(description=VARIANT_DESCRIPTION)
     fallback: bool = Field(description="True when the ranker did not answer (cold start).")
     fallback_reason: str | None = None
 
@@ -49,6 +53,7 @@ class RankResponse(BaseModel):
     user_id: str
     items: list[RecommendedItem]
     model_tag: str
+    variant: str = Field(description=VARIANT_DESCRIPTION)
     cold_start: bool = Field(description="True when the user is unknown: no history was used.")
 
 
@@ -57,7 +62,7 @@ class ScoreResponse(BaseModel):
     model_tag: str
 
 
-class ModelResponse(BaseModel):
+class VersionInfo(BaseModel):
     tag: str
     creation_time: str
     metrics: dict[str, Any]
@@ -67,6 +72,24 @@ class ModelResponse(BaseModel):
     params: dict[str, Any]
     code_version: str
     versions: dict[str, str]
+
+    @classmethod
+    def of(cls, tag: str, creation_time: str, metadata: dict[str, Any]) -> VersionInfo:
+        """From a version's stored metadata (the lineage training wrote)."""
+        fields = set(cls.model_fields) - {"tag", "creation_time"}
+        return cls(tag=tag, creation_time=creation_time, **{k: metadata[k] for k in fields})
+
+
+class Routing(BaseModel):
+    mode: str = Field(description="off, split or shadow (RECSYS_CHALLENGER_MODE).")
+    challenger_share: float = Field(description="Share of users the challenger ranks in split mode.")
+
+
+class ModelResponse(VersionInfo):
+    """The champion's details, the challenger's (if one is loaded) and the routing."""
+
+    challenger: VersionInfo | None = None
+    routing: Routing
 
 
 # One field per schema feature, in schema order; unknown columns are rejected.

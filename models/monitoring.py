@@ -5,6 +5,7 @@ and outputs through `bentoml.monitor` to rotating files for offline reports."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import random
 import time
@@ -21,6 +22,17 @@ MONITOR_NAME = "recsys_ranking"
 _GAUGE_REFRESH_S = 10.0
 
 
+@functools.cache
+def _psi_gauge() -> Any:
+    """One gauge per process, shared by the monitors of the champion and the challenger."""
+    return bentoml.metrics.Gauge(
+        name="recsys_drift_psi",
+        documentation="PSI of served feature rows (and scores) against the model's reference profile",
+        labelnames=["feature", "model_version"],
+        multiprocess_mode="mostrecent",
+    )
+
+
 class DriftMonitor:
     """One per worker. Counts go to a folder shared by every worker of this serve process
     (keyed by the serve process id and the model version), so reports are per service."""
@@ -32,12 +44,7 @@ class DriftMonitor:
         self.folder = settings.drift_dir / str(os.getppid()) / model_tag.replace(":", "-")
         self.counter = DriftCounter(self.profile.layout(), self.folder, role, settings.drift_window_s)
         self._gauge_at = 0.0
-        self._psi = bentoml.metrics.Gauge(
-            name="recsys_drift_psi",
-            documentation="PSI of served feature rows (and scores) against the model's reference profile",
-            labelnames=["feature", "model_version"],
-            multiprocess_mode="mostrecent",
-        )
+        self._psi = _psi_gauge()
         self._sample = random.Random()
 
     async def flush_forever(self, every_s: float = 1.0) -> None:

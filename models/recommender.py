@@ -86,7 +86,40 @@ class Recommender:
             )
         return rows
 
+    @classmethod
+    def of(cls, version: Any) -> Recommender:
+        """From a checked store version (models.store.ModelVersion)."""
+        return cls(version.load_tables(), version.params)
+
     def ranked(self, prepared: Prepared, scores: np.ndarray, k: int) -> list[dict[str, Any]]:
         items, top_scores = top_k(prepared.items, scores, k)
         return self.describe(items, top_scores)
 
+
+
+class LocalRanker:
+    """A version's whole pipeline in one process (no services): for replays and references."""
+
+    def __init__(self, recommender: Recommender, booster: Any) -> None:
+        from models.store import predict_scores
+
+        self.recommender = recommender
+        self._predict = lambda features: predict_scores(booster, features)
+
+    def recommend(self, user_id: str, k: int, exclude_seen: bool) -> list[str]:
+        rec = self.recommender
+        user = rec.user_index(user_id)
+        if user is None:
+            return [row["item_id"] for row in rec.describe(rec.popular(k), None)]
+        prepared = rec.prepare_recommend(user, exclude_seen)
+        return [row["item_id"] for row in rec.ranked(prepared, self._predict(prepared.features), k)]
+
+    def scores(self, user_id: str, item_ids: list[str]) -> np.ndarray:
+        """Scores of the given items for this user, in the given order (UnknownItemsError)."""
+        rec = self.recommender
+        prepared = rec.prepare_rank(rec.user_index(user_id), rec.item_indices(item_ids))
+        return self._predict(prepared.features)
+
+    def rank(self, user_id: str, item_ids: list[str]) -> list[str]:
+        order = np.argsort(-self.scores(user_id, item_ids), kind="stable")
+        return [item_ids[i] for i in order.tolist()]

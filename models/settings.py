@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -22,7 +23,35 @@ class RecsysSettings(BaseSettings):
 
     model_name: str = Field(DEFAULT_MODEL_NAME, description="Model name in the BentoML store.")
     model_tag: str | None = Field(
-        None, description="Exact tag (name:version) to serve; default: the newest version."
+        None, description="Exact tag (name:version) to serve; overrides RECSYS_MODEL_ALIAS."
+    )
+    model_alias: Literal["champion", "challenger", "latest"] = Field(
+        "champion", description="Which version to serve when no exact tag is set: a registry "
+        "stage (`python -m training models ...`) or the newest version."
+    )
+
+    # Champion/challenger (models/registry.py, models/variants.py).
+    challenger_mode: Literal["off", "split", "shadow"] = Field(
+        "off", description="off; split: a share of users is ranked by the challenger; shadow: "
+        "the challenger ranks every request too, its results are logged, never returned."
+    )
+    challenger_share: float = Field(
+        0.1, ge=0, le=1, description="Share of users routed to the challenger in split mode "
+        "(a stable hash of user_id: a user always gets the same model)."
+    )
+    challenger_tag: str | None = Field(
+        None, description="Exact challenger tag; default: the registry's challenger stage."
+    )
+    routing_salt: str = Field(
+        "recsys", description="Salt of the user hash; change it to draw a new set of users."
+    )
+    promotion_margin: float = Field(
+        0.005, ge=0, description="Retraining promotes a challenger unless its NDCG@10 on the "
+        "fresh hold-out is below the champion's by more than this."
+    )
+    request_log_sample: float = Field(
+        0.01, ge=0, le=1, description="Share of /recommend and /rank requests logged (with "
+        "the returned items) for `python -m training replay`."
     )
 
     # The ranking service (the "runner").
@@ -91,8 +120,3 @@ class RecsysSettings(BaseSettings):
         if self.api_keys is None:
             return []
         return [k.strip() for k in self.api_keys.get_secret_value().split(",") if k.strip()]
-
-    @property
-    def resolved_tag(self) -> str:
-        """The tag to load: the exact one if set, otherwise `<model_name>:latest`."""
-        return self.model_tag or f"{self.model_name}:latest"

@@ -21,12 +21,10 @@ from typing import Any
 import bentoml
 import numpy as np
 import xgboost as xgb
-import yaml
 from bentoml.exceptions import NotFound
 
 from models.params import CandidateParams
 from models.schema import SCHEMA_HASH
-from models.settings import RecsysSettings
 from models.tables import ServingTables
 
 BOOSTER_FILE = "ranker.ubj"
@@ -54,7 +52,7 @@ def _digests(folder: Path) -> dict[str, str]:
     }
 
 
-def _store_home() -> Path:
+def store_home() -> Path:
     from bentoml._internal.configuration.containers import BentoMLContainer
 
     return Path(BentoMLContainer.bentoml_home.get())
@@ -77,7 +75,7 @@ def save_version(
     leaves the store exactly as it was."""
     from bentoml._internal.models.model import ModelStore
 
-    home = _store_home()
+    home = store_home()
     staging_root = Path(tempfile.mkdtemp(prefix="recsys-staging-", dir=_ensure_dir(home / "tmp")))
     try:
         staging = ModelStore(str(staging_root))
@@ -169,26 +167,3 @@ def predict_scores(booster: xgb.Booster, features: np.ndarray) -> np.ndarray:
     if len(features) == 0:
         return np.zeros(0, dtype=np.float32)
     return np.asarray(booster.inplace_predict(features), dtype=np.float32).reshape(-1)
-
-
-def bento_pinned_tag(service_file: Path, model_name: str) -> str | None:
-    """The exact version of `model_name` a Bento was built with, when `service_file` runs
-    from inside a Bento (<bento>/src/service.py next to <bento>/bento.yaml), else None.
-
-    BentoML 1.4 serves a Bento from the local store against the *global* model store, where
-    `name:latest` moves on with every training run; pinning keeps a Bento's model fixed."""
-    bento_yaml = service_file.resolve().parent.parent / "bento.yaml"
-    if not bento_yaml.is_file():
-        return None
-    info = yaml.safe_load(bento_yaml.read_text())
-    for svc in info.get("services") or []:
-        for model in svc.get("models") or []:
-            if str(model.get("tag", "")).split(":")[0] == model_name:
-                return str(model["tag"])
-    return None
-
-
-def serving_tag(settings: RecsysSettings, service_file: Path) -> str:
-    """Which version to serve: RECSYS_MODEL_TAG if set, else the version a Bento pinned,
-    else the newest version of RECSYS_MODEL_NAME."""
-    return settings.model_tag or bento_pinned_tag(service_file, settings.model_name) or settings.resolved_tag

@@ -1,5 +1,7 @@
 """Command line: `python -m training [--dataset synthetic|movielens|interactions] ...`
-(train), and `python -m training drift-report ...` (see training/drift_report.py).
+(train), `python -m training retrain ...` (train a challenger, promote it if it is good
+enough), `python -m training models ...` (versions and stages, training/lifecycle.py),
+`python -m training replay ...` (training/replay.py) and `python -m training drift-report`.
 
 Trains a ranker, evaluates it against the baselines and saves a new version to the BentoML
 model store (BENTOML_HOME). Exit status 2 with a one-line message for unusable data.
@@ -13,16 +15,24 @@ import json
 import logging
 import sys
 
+from models import registry
+from models.registry import RegistryError
 from models.settings import RecsysSettings
 from models.store import ModelCheckError
 from training.datasets import DataError, Dataset, interactions, movielens, synthetic
-from training.pipeline import RankerParams, TrainConfig, metrics_table, train
+from training.lifecycle import Decision, decide, models_main
+from training.pipeline import RankerParams, TrainConfig, TrainResult, metrics_table, train
 
 DATASETS = ("synthetic", "movielens", "interactions")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training", description=__doc__.splitlines()[0])
+def build_parser(retrain: bool = False) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m training retrain" if retrain else "python -m training",
+        description="Train a challenger on new data, evaluate it and the champion on the same "
+        "fresh hold-out, and promote it unless it is worse by more than the margin."
+        if retrain else __doc__.splitlines()[0],
+    )  # fmt: skip
     p.add_argument("--dataset", choices=DATASETS, default="synthetic", help="default: synthetic")
     p.add_argument("--data", help="movielens: the folder with ratings.csv; interactions: the file")
     p.add_argument("--model-name", default=None, help="store name (default: RECSYS_MODEL_NAME)")
@@ -53,6 +63,19 @@ def build_parser() -> argparse.ArgumentParser:
     mdl.add_argument("--max-depth", type=int, default=defaults.max_depth)
     mdl.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
     mdl.add_argument("--objective", choices=("rank:ndcg", "rank:pairwise"), default=defaults.objective)
+    mdl.add_argument("--shuffle-labels", action="store_true",
+                     help="sanity check of the promotion gate: train on permuted labels")  # fmt: skip
+
+    stage = p.add_argument_group("promotion")
+    if retrain:
+        stage.add_argument("--margin", type=float, default=None,
+                           help="allowed NDCG@10 shortfall against the champion (default: RECSYS_PROMOTION_MARGIN)")  # fmt: skip
+        stage.add_argument("--stage", choices=registry.STAGES, default="champion",
+                           help="the stage a challenger that passes gets (challenger: for a split or shadow test first)")  # fmt: skip
+    else:
+        stage.add_argument("--promote", action="store_true",
+                           help="make the new version the champion (the first version always becomes it if it "
+                           "beats the co-occurrence baseline)")  # fmt: skip
     return p
 
 
@@ -77,17 +100,51 @@ def load_dataset(args: argparse.Namespace) -> Dataset:
     )
 
 
+def _subcommand(argv: list[str]) -> int | None:
+    if not argv or argv[0] not in ("drift-report", "models", "replay"):
+        return None
+    from training import drift_report, replay
+
+    mains = {"drift-report": drift_report.main, "models": models_main, "replay": replay.main}
+    try:
+        return mains[argv[0]](argv[1:])
+    except (ModelCheckError, RegistryError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _stage_new_version(result: TrainResult, args: argparse.Namespace, model_name: str, retrain: bool,
+                       margin: float) -> Decision | None:  # fmt: skip
+    """Retrain: the gate decides, and the decision is recorded either way. Train: the first
+    version (if it learned something) or --promote makes the champion."""
+    assert result.tag is not None
+    champion = registry.load(model_name).champion
+    if retrain:
+        decision = decide(result.metrics, result.champion_metrics, margin)
+        record = {"decision": decision.as_record(), "challenger_metrics": result.metrics,
+                  "champion": champion, "champion_metrics": result.champion_metrics}  # fmt: skip
+        if decision.promote:
+            registry.promote(result.tag, args.stage, reason="retrain", record=record)
+        else:
+            registry.record(model_name, {"action": "reject", "tag": result.tag, "reason": "retrain", **record})
+        return decision
+    if args.promote:
+        registry.promote(result.tag, "champion", reason="train --promote")
+    elif champion is None:
+        decision = decide(result.metrics, None, margin)
+        if decision.promote:
+            registry.promote(result.tag, "champion", reason="first version")
+        return decision
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "drift-report":
-        from training import drift_report
-
-        try:
-            return drift_report.main(argv[1:])
-        except (ModelCheckError, FileNotFoundError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-    args = build_parser().parse_args(argv)
+    code = _subcommand(argv)
+    if code is not None:
+        return code
+    retrain = bool(argv) and argv[0] == "retrain"
+    args = build_parser(retrain).parse_args(argv[1:] if retrain else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     config = TrainConfig(
         n_windows=args.windows,
@@ -98,20 +155,37 @@ def main(argv: list[str] | None = None) -> int:
             learning_rate=args.learning_rate,
             objective=args.objective,
         ),
+        shuffle_labels=args.shuffle_labels,
     )
-    model_name = args.model_name or RecsysSettings().model_name
+    settings = RecsysSettings()
+    model_name = args.model_name or settings.model_name
+    margin = settings.promotion_margin if not retrain or args.margin is None else args.margin
     try:
+        champion = registry.load(model_name).champion if retrain else None
         dataset = load_dataset(args)
-        result = train(dataset, config, model_name=model_name, save=not args.dry_run)
-    except (DataError, ModelCheckError) as err:
+        result = train(dataset, config, model_name=model_name, save=not args.dry_run, compare_with=champion)
+        decision = None if args.dry_run else _stage_new_version(result, args, model_name, retrain, margin)
+    except (DataError, ModelCheckError, RegistryError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    stages = registry.load(model_name)
+    out = {
+        "tag": result.tag, "metrics": result.metrics, "timings_s": result.timings,
+        "champion_metrics": result.champion_metrics,
+        "decision": decision.as_record() if decision else None,
+        "champion": stages.champion, "challenger": stages.challenger,
+    }  # fmt: skip
     if args.json:
-        print(json.dumps({"tag": result.tag, "metrics": result.metrics, "timings_s": result.timings}))
+        print(json.dumps(out))
     else:
         print(metrics_table(result.metrics))
         print(f"candidate recall: {result.metrics['candidate_recall']:.4f}")
+        if result.champion_metrics is not None:
+            print(f"champion {champion} on the same hold-out:\n{metrics_table(result.champion_metrics)}")
         print(f"model: {result.tag or '(dry run: not saved)'}")
+        if decision is not None:
+            print(f"decision: {'promoted' if decision.promote else 'not promoted'} ({decision.reason})")
+        print(f"champion: {stages.champion}; challenger: {stages.challenger}")
     return 0
 
 

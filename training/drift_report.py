@@ -21,6 +21,7 @@ from models.drift import ReferenceProfile, frequencies, ks_binned, psi, status
 from models.monitoring import MONITOR_NAME
 from models.schema import FEATURE_NAMES, N_FEATURES
 from models.settings import RecsysSettings
+from models.registry import resolve_alias
 from models.store import open_version
 
 
@@ -113,7 +114,7 @@ def write_report(profile: ReferenceProfile, traffic: LoggedTraffic, model_tag: s
 def build_parser(settings: RecsysSettings) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training drift-report", description=__doc__.splitlines()[0])
     p.add_argument("--logs", type=Path, default=settings.monitor_dir, help="the monitor log folder")
-    p.add_argument("--model", default=settings.resolved_tag, help="model tag (default: the newest)")
+    p.add_argument("--model", default=None, help="model tag (default: the RECSYS_MODEL_TAG or the champion)")
     p.add_argument("--out", type=Path, default=Path("drift-report.html"))
     return p
 
@@ -121,7 +122,7 @@ def build_parser(settings: RecsysSettings) -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     settings = RecsysSettings()
     args = build_parser(settings).parse_args(argv)
-    version = open_version(args.model)
+    version = open_version(args.model or settings.model_tag or resolve_alias(settings.model_name, "champion"))
     traffic = read_logs(args.logs, version.tag)
     results = write_report(ReferenceProfile.load(version.path), traffic, version.tag, args.out,
                            settings.drift_warn, settings.drift_alert)  # fmt: skip

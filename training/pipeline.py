@@ -29,7 +29,7 @@ from models.ranking import top_k
 from models.drift import build_profile
 from models.schema import FEATURE_NAMES, ITEM_FEATURES, N_FEATURES, SCHEMA_HASH, schema_as_dict
 from models.settings import DEFAULT_MODEL_NAME
-from models.store import predict_scores, save_version
+from models.store import open_version, predict_scores, save_version
 from models.tables import ServingTables, build_tables
 from training.datasets import DataError, Dataset
 from training.report import write_report
@@ -70,6 +70,9 @@ class TrainConfig:
     k: int = 10
     seed: int = 42
     nthread: int = 0  # 0: all cores
+    # A sanity check of the promotion gate: labels permuted within each group, so the
+    # ranker learns nothing real (never set it for a model you mean to serve).
+    shuffle_labels: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,6 +106,7 @@ class TrainResult:
     metrics: dict[str, Any]
     timings: dict[str, float]
     metadata: dict[str, Any]
+    champion_metrics: dict[str, Any] | None = None  # the champion's, on the same hold-out
 
 
 class StageLog:
@@ -126,7 +130,7 @@ def _label_items(win: Window, j: int) -> np.ndarray:
 
 def collect_groups(
     tables: ServingTables, win: Window, params: CandidateParams, eval_users: np.ndarray,
-    train: Groups, valid: Groups, qid_base: int,
+    train: Groups, valid: Groups, qid_base: int, shuffle: np.random.Generator | None = None,
 ) -> int:
     """Add each labelled user's candidates of this window, with 0/1 labels, to train or valid.
     Users none of whose label items are among their candidates teach nothing and are skipped."""
@@ -136,6 +140,8 @@ def collect_groups(
         y = np.isin(items, _label_items(win, j)).astype(np.float32)
         if not y.any():
             continue
+        if shuffle is not None:
+            y = shuffle.permutation(y)
         target = valid if eval_users[user] else train
         target.add(build_features(tables, int(user), items, cooc), y, qid_base + j)
         added += 1
@@ -236,12 +242,24 @@ def metrics_table(metrics: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def evaluate_version(
+    tag: str, dataset: Dataset, test: Window, genre_names: list[str], config: TrainConfig
+) -> dict[str, Any]:
+    """Another stored version (the champion) on this run's test slice: its own booster and
+    candidate parameters, tables from the same history, the same users and test items."""
+    version = open_version(tag)
+    tables = build_tables(test.history, dataset.catalog, genre_names, version.params)
+    return evaluate(version.load_booster(config.nthread), tables, test, version.params, config.k).metrics
+
+
 def train(
     dataset: Dataset, config: TrainConfig = TrainConfig(), model_name: str = DEFAULT_MODEL_NAME,
-    save: bool = True,
+    save: bool = True, compare_with: str | None = None,
 ) -> TrainResult:
-    """Train, evaluate and (if `save`) add one version to the store. Raises DataError for
-    data that cannot be split or learned from; nothing is written to the store then."""
+    """Train, evaluate and (if `save`) add one version to the store. With `compare_with` (a
+    tag), that version is evaluated on the same fresh hold-out too, before anything is saved.
+    Raises DataError for data that cannot be split or learned from, ModelCheckError for a
+    version to compare with that cannot be used; nothing is written to the store then."""
     stages = StageLog()
     log_ = dataset.log
     genre_names = dataset.catalog.genre_names()
@@ -256,7 +274,7 @@ def train(
                 continue
             tables = build_tables(win.history, dataset.catalog, genre_names, config.candidates)
             collect_groups(tables, win, config.candidates, eval_users, train_groups, valid_groups,
-                           qid_base=w * log_.n_users)  # fmt: skip
+                           qid_base=w * log_.n_users, shuffle=rng if config.shuffle_labels else None)  # fmt: skip
     if len(train_groups) < 10 or len(valid_groups) < 2:
         raise DataError(
             f"{dataset.name}: too few labelled users to train ({len(train_groups)} train, "
@@ -276,6 +294,11 @@ def train(
         metrics = evaluation.metrics
     log.info("results on %d test users:\n%s", metrics["test_users"], metrics_table(metrics))
     log.info("candidate recall (share of test items among the candidates): %.4f", metrics["candidate_recall"])
+    champion_metrics = None
+    if compare_with is not None:
+        with stages(f"evaluate {compare_with} on the same test slice"):
+            champion_metrics = evaluate_version(compare_with, dataset, test, genre_names, config)
+        log.info("%s on the same users:\n%s", compare_with, metrics_table(champion_metrics))
 
     with stages("serving tables from all interactions"):
         serving = build_tables(log_, dataset.catalog, genre_names, config.candidates)
@@ -311,6 +334,7 @@ def train(
             "n_windows": config.n_windows,
             "eval_user_frac": config.eval_user_frac,
             "seed": config.seed,
+            "shuffle_labels": config.shuffle_labels,
         },
         "metrics": metrics,
         "best_round": best_round,
@@ -327,6 +351,8 @@ def train(
         "created_at": dt.datetime.now(dt.UTC).isoformat(),
         "timings_s": stages.timings,
     }
+    if compare_with is not None:  # BentoML metadata takes no None values
+        metadata["compared_with"] = {"tag": compare_with, "metrics": champion_metrics}
     def write_extras(folder: Path) -> None:
         write_report(folder, curve, best_round, importance, config.k)
         profile.save(folder)
@@ -340,4 +366,4 @@ def train(
                 write_extra=write_extras,
             )  # fmt: skip
         log.info("saved %s", tag)
-    return TrainResult(tag, metrics, stages.timings, metadata)
+    return TrainResult(tag, metrics, stages.timings, metadata, champion_metrics)

@@ -19,8 +19,9 @@ import pytest
 
 from models.settings import RecsysSettings
 from tests.helpers import PROJECT_ROOT, ServerProcess, free_port, wait_ready
-from training import drift_report
+from training import drift_report, replay
 from training.__main__ import build_parser
+from training.lifecycle import models_parser
 
 pytestmark = pytest.mark.e2e
 README = (PROJECT_ROOT / "README.md").read_text()
@@ -90,12 +91,19 @@ def test_readme_example_scripts(server: ServerProcess, line: str) -> None:
 
 @pytest.mark.parametrize("line", [line for line, _ in bash_lines(f"{VENV_PYTHON} -m training")])
 def test_readme_training_lines_parse(line: str) -> None:
-    words = shlex.split(line)[3:]
+    """Every documented command line parses (the `models` lines also run, in
+    tests/integration/test_lifecycle.py)."""
+    words = shlex.split(line, comments=True)[3:]
     if words[0] == "drift-report":
         args = drift_report.build_parser(RecsysSettings()).parse_args(words[1:])
-        assert args.model and args.out
+        assert args.out
+    elif words[0] == "models":
+        assert models_parser().parse_args(words[1:]).command
+    elif words[0] == "replay":
+        assert replay.build_parser(RecsysSettings()).parse_args(words[1:]).challenger
     else:
-        args = build_parser().parse_args(words)
+        retrain = words[0] == "retrain"
+        args = build_parser(retrain).parse_args(words[1:] if retrain else words)
         assert args.dataset in ("synthetic", "movielens", "interactions")
 
 

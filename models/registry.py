@@ -1,0 +1,247 @@
+"""Model stages over the BentoML model store: which version is the `champion` (served by
+default), which the `challenger`, and the champions before them (for rollback).
+
+Self-hosted BentoML has no stages, so they live in one small JSON file per model name,
+`BENTOML_HOME/registry/<name>.json`, replaced atomically under a file lock. Every change
+is also mirrored into the versions' `stage` label (model.yaml, which the integrity manifest
+leaves out), so `bentoml models get NAME:VERSION` shows it. The file is the source of truth.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import bentoml
+import yaml
+from bentoml.exceptions import NotFound
+
+from models.settings import RecsysSettings
+from models.store import ModelCheckError, store_home
+
+Stage = Literal["champion", "challenger"]
+STAGES: tuple[Stage, ...] = ("champion", "challenger")
+ALIASES = (*STAGES, "latest")
+STAGE_LABEL = "stage"
+_MAX_EVENTS = 1000
+
+
+class RegistryError(ValueError):
+    """A registry operation that cannot be done; the message says why and what to do."""
+
+
+@dataclass
+class Registry:
+    """The stages of one model name. `history` holds the previous champions, newest last."""
+
+    name: str
+    champion: str | None = None
+    challenger: str | None = None
+    history: list[str] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    def stage_of(self, tag: str) -> str | None:
+        if tag == self.champion:
+            return "champion"
+        if tag == self.challenger:
+            return "challenger"
+        return None
+
+
+def registry_path(name: str) -> Path:
+    return store_home() / "registry" / f"{name}.json"
+
+
+def load(name: str) -> Registry:
+    path = registry_path(name)
+    if not path.is_file():
+        return Registry(name)
+    try:
+        data = json.loads(path.read_text())
+        return Registry(**data)
+    except (ValueError, TypeError) as err:
+        raise RegistryError(f"{path}: unreadable registry file: {err}") from err
+
+
+@contextmanager
+def _locked(name: str) -> Iterator[Registry]:
+    """Read-modify-write of one name's registry, serialised across processes; the new state
+    replaces the file in one rename and is mirrored into the stage labels."""
+    path = registry_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        reg = load(name)
+        before = {t: reg.stage_of(t) for t in (reg.champion, reg.challenger) if t}
+        yield reg
+        reg.events = reg.events[-_MAX_EVENTS:]
+        tmp = path.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(asdict(reg), indent=2))
+        os.replace(tmp, path)
+        after = {t: reg.stage_of(t) for t in (reg.champion, reg.challenger) if t}
+        for tag in sorted(set(before) | set(after)):
+            _mirror_label(tag, after.get(tag))
+
+
+def _mirror_label(tag: str, stage: str | None) -> None:
+    """Write the `stage` label into the version's model.yaml (atomically)."""
+    try:
+        model = bentoml.models.get(tag)
+    except NotFound:
+        return  # deleted from the store since; the registry still names it
+    path = Path(model.path) / "model.yaml"
+    info = yaml.safe_load(path.read_text())
+    labels = dict(info.get("labels") or {})
+    if stage is None:
+        labels.pop(STAGE_LABEL, None)
+    else:
+        labels[STAGE_LABEL] = stage
+    info["labels"] = labels
+    tmp = path.with_name(f".model.yaml.tmp-{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(info, sort_keys=False))
+    os.replace(tmp, path)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def exact_tag(tag: str) -> str:
+    """`name:version` of a stored version (resolves `name:latest`); RegistryError if absent."""
+    try:
+        return str(bentoml.models.get(tag).tag)
+    except NotFound as err:
+        raise RegistryError(f"{tag}: no such model version in the store (see `python -m training models list`)") from err
+
+
+def promote(tag: str, stage: Stage = "champion", reason: str = "manual", record: dict[str, Any] | None = None) -> Registry:
+    """Make `tag` the champion (the previous one goes to the rollback history) or the
+    challenger. Promoting the challenger to champion clears the challenger stage."""
+    if stage not in STAGES:
+        raise RegistryError(f"stage {stage!r}: valid stages are {', '.join(STAGES)}")
+    tag = exact_tag(tag)
+    name = tag.split(":")[0]
+    with _locked(name) as reg:
+        previous = getattr(reg, stage)
+        if stage == "champion":
+            if reg.champion and reg.champion != tag:
+                reg.history.append(reg.champion)
+            reg.champion = tag
+            if reg.challenger == tag:
+                reg.challenger = None
+        else:
+            if reg.champion == tag:
+                raise RegistryError(f"{tag} is the champion; it cannot also be the challenger")
+            reg.challenger = tag
+        reg.events.append({"at": _now(), "action": "promote", "stage": stage, "tag": tag,
+                           "previous": previous, "reason": reason, **(record or {})})  # fmt: skip
+    return reg
+
+
+def clear_challenger(name: str, reason: str = "manual") -> Registry:
+    with _locked(name) as reg:
+        reg.events.append({"at": _now(), "action": "clear_challenger", "tag": reg.challenger, "reason": reason})
+        reg.challenger = None
+    return reg
+
+
+def rollback(name: str, reason: str = "manual") -> Registry:
+    """Make the previous champion the champion again; the current one loses its stage."""
+    with _locked(name) as reg:
+        if not reg.history:
+            raise RegistryError(f"{name}: no previous champion to roll back to (history is empty)")
+        current, reg.champion = reg.champion, reg.history.pop()
+        if reg.challenger == reg.champion:
+            reg.challenger = None
+        reg.events.append({"at": _now(), "action": "rollback", "stage": "champion", "tag": reg.champion,
+                           "previous": current, "reason": reason})  # fmt: skip
+    return reg
+
+
+def record(name: str, event: dict[str, Any]) -> None:
+    """Append an event (e.g. a retraining decision that promoted nothing)."""
+    with _locked(name) as reg:
+        reg.events.append({"at": _now(), **event})
+
+
+def resolve_alias(name: str, alias: str) -> str:
+    """The exact tag behind `champion`, `challenger` or `latest`; ModelCheckError if none."""
+    if alias not in ALIASES:
+        raise ModelCheckError(f"model alias {alias!r}: valid aliases are {', '.join(ALIASES)}")
+    if alias == "latest":
+        try:
+            return exact_tag(f"{name}:latest")
+        except RegistryError as err:
+            raise ModelCheckError(str(err)) from err
+    tag: str | None = getattr(load(name), alias)
+    if tag is None:
+        raise ModelCheckError(
+            f"model {name}: no {alias} in the registry {registry_path(name)}; train one with "
+            f"`python -m training` or promote a version with `python -m training models promote TAG"
+            f"{'' if alias == 'champion' else ' --stage challenger'}`"
+        )
+    return tag
+
+
+def bento_pinned_tags(service_file: Path, model_name: str) -> list[str] | None:
+    """The exact versions of `model_name` a Bento was built with, in declaration order
+    (champion, then challenger), when `service_file` runs from inside a Bento
+    (<bento>/src/service.py next to <bento>/bento.yaml); None outside a Bento.
+
+    BentoML 1.4 serves a Bento from the local store against the *global* model store, where
+    aliases move on with every promotion; pinning keeps a Bento's models fixed."""
+    bento_yaml = service_file.resolve().parent.parent / "bento.yaml"
+    if not bento_yaml.is_file():
+        return None
+    info = yaml.safe_load(bento_yaml.read_text())
+    for svc in info.get("services") or []:
+        tags = [str(m["tag"]) for m in svc.get("models") or [] if str(m.get("tag", "")).split(":")[0] == model_name]
+        if tags:
+            return list(dict.fromkeys(tags))
+    return None
+
+
+@dataclass(frozen=True)
+class ServingPlan:
+    """The exact versions a service serves. `problem` says why there is none; the service
+    raises it before any worker starts, so that importing service.py never fails."""
+
+    champion: str
+    challenger: str | None = None
+    problem: str | None = None
+
+
+def serving_plan(settings: RecsysSettings, service_file: Path) -> ServingPlan:
+    """Champion: RECSYS_MODEL_TAG, else the version a Bento pinned, else the version behind
+    RECSYS_MODEL_ALIAS in the registry. Challenger (when RECSYS_CHALLENGER_MODE is not off):
+    RECSYS_CHALLENGER_TAG, else the Bento's second pinned version, else the registry's."""
+    name = settings.model_name
+    pinned = bento_pinned_tags(service_file, name)
+    try:
+        champion = settings.model_tag or (pinned[0] if pinned else resolve_alias(name, settings.model_alias))
+        challenger = None
+        if settings.challenger_mode != "off":
+            if settings.challenger_tag:
+                challenger = settings.challenger_tag
+            elif pinned is not None:
+                if len(pinned) < 2:
+                    raise ModelCheckError(
+                        f"RECSYS_CHALLENGER_MODE={settings.challenger_mode}: this Bento was built "
+                        "without a challenger; build it with RECSYS_CHALLENGER_MODE set, or set "
+                        "RECSYS_CHALLENGER_MODE=off"
+                    )
+                challenger = pinned[1]
+            else:
+                challenger = resolve_alias(name, "challenger")
+            if challenger == champion:
+                raise ModelCheckError(f"champion and challenger are the same version {champion}")
+    except ModelCheckError as err:
+        return ServingPlan(f"{name}:unresolved", None, str(err))
+    return ServingPlan(champion, challenger)

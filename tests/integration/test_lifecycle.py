@@ -1,0 +1,189 @@
+"""The model lifecycle on a real BentoML store (the session's temporary BENTOML_HOME):
+stages, promotion and rollback, the retraining gate, and which versions a service resolves.
+Each test uses its own model name, so each has its own registry."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from pathlib import Path
+
+import bentoml
+import pytest
+import yaml
+
+from models import registry
+from models.registry import RegistryError, bento_pinned_tags, serving_plan
+from models.settings import RecsysSettings
+from tests.helpers import PROJECT_ROOT, small_synthetic
+from training.__main__ import main
+from training.pipeline import TrainConfig, train
+
+SMALL = ["--n-users", "300", "--n-items", "200", "--n-interactions", "12000"]
+
+
+@pytest.fixture(scope="module")
+def two_versions() -> tuple[str, str]:
+    """Two versions of one name, trained on different data."""
+    tags = [train(small_synthetic(seed), TrainConfig(), model_name="lc-int").tag for seed in (3, 4)]
+    assert all(tags)
+    return str(tags[0]), str(tags[1])
+
+
+def stage_label(tag: str) -> str | None:
+    return bentoml.models.get(tag).info.labels.get("stage")
+
+
+def test_promote_then_rollback_restores_the_previous_champion(two_versions: tuple[str, str]) -> None:
+    a, b = two_versions
+    registry.promote(a)
+    reg = registry.promote(b)
+    assert (reg.champion, reg.history) == (b, [a])
+    assert (stage_label(a), stage_label(b)) == (None, "champion")
+    reg = registry.rollback("lc-int")
+    assert reg.champion == a and reg.history == []
+    assert (stage_label(a), stage_label(b)) == ("champion", None)
+    assert registry.load("lc-int").champion == a  # persisted, not only returned
+    with pytest.raises(RegistryError, match="no previous champion"):
+        registry.rollback("lc-int")
+    actions = [e["action"] for e in registry.load("lc-int").events]
+    assert actions[-3:] == ["promote", "promote", "rollback"]
+
+
+def test_challenger_stage(two_versions: tuple[str, str]) -> None:
+    a, b = two_versions
+    registry.promote(a)
+    reg = registry.promote(b, "challenger")
+    assert (reg.champion, reg.challenger, stage_label(b)) == (a, b, "challenger")
+    with pytest.raises(RegistryError, match="is the champion"):
+        registry.promote(a, "challenger")
+    reg = registry.promote(b)  # the challenger wins: it is champion now, not both
+    assert (reg.champion, reg.challenger, stage_label(b)) == (b, None, "champion")
+    with pytest.raises(RegistryError, match="valid stages are champion, challenger"):
+        registry.promote(a, "canary")  # type: ignore[arg-type]
+    with pytest.raises(RegistryError, match="no such model version"):
+        registry.promote("lc-int:doesnotexist")
+
+
+def test_a_failed_registry_write_leaves_the_stages_as_they_were(
+    two_versions: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = two_versions
+    registry.promote(a)
+    before = registry.registry_path("lc-int").read_text()
+
+    def broken_replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(registry.os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        registry.promote(b)
+    monkeypatch.undo()
+    assert registry.registry_path("lc-int").read_text() == before
+    assert registry.load("lc-int").champion == a and stage_label(a) == "champion"
+
+
+def test_serving_plan_resolves_aliases_and_explains_what_is_missing(two_versions: tuple[str, str]) -> None:
+    a, b = two_versions
+    registry.promote(a)
+    registry.clear_challenger("lc-int")
+    here = Path(__file__)
+    plan = serving_plan(RecsysSettings(model_name="lc-int"), here)
+    assert (plan.champion, plan.challenger, plan.problem) == (a, None, None)
+    assert serving_plan(RecsysSettings(model_name="lc-int", model_alias="latest"), here).champion == b
+    assert serving_plan(RecsysSettings(model_name="lc-int", model_tag=b), here).champion == b
+    missing = serving_plan(RecsysSettings(model_name="lc-int", challenger_mode="split"), here)
+    assert missing.problem and "no challenger" in missing.problem and "promote" in missing.problem
+    registry.promote(b, "challenger")
+    plan = serving_plan(RecsysSettings(model_name="lc-int", challenger_mode="shadow"), here)
+    assert (plan.champion, plan.challenger, plan.problem) == (a, b, None)
+    nothing = serving_plan(RecsysSettings(model_name="lc-never-trained"), here)
+    assert nothing.problem and "no champion" in nothing.problem
+
+
+def test_a_bento_lists_champion_then_challenger(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    service_file = tmp_path / "src" / "service.py"
+    service_file.write_text("")
+    models = [{"tag": "m:champ"}, {"tag": "other:x"}, {"tag": "m:chall"}]
+    (tmp_path / "bento.yaml").write_text(yaml.safe_dump({"services": [{"name": "A", "models": models}]}))
+    assert bento_pinned_tags(service_file, "m") == ["m:champ", "m:chall"]
+    assert bento_pinned_tags(Path(__file__), "m") is None  # not inside a Bento
+    plan = serving_plan(RecsysSettings(model_name="m", challenger_mode="split"), service_file)
+    assert (plan.champion, plan.challenger) == ("m:champ", "m:chall")
+
+
+def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> dict:
+    assert main([*args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_retraining_never_promotes_a_model_trained_on_shuffled_labels(capsys: pytest.CaptureFixture[str]) -> None:
+    first = run([*SMALL, "--model-name", "lc-shuffle"], capsys)
+    assert first["champion"] == first["tag"] and first["decision"]["promote"] is True
+    bad = run(["retrain", *SMALL, "--model-name", "lc-shuffle", "--shuffle-labels", "--margin", "0.5"], capsys)
+    assert bad["decision"]["promote"] is False
+    assert bad["champion"] == first["tag"] != bad["tag"]
+    assert bad["metrics"]["model"]["ndcg"] < bad["champion_metrics"]["model"]["ndcg"]
+    rejected = registry.load("lc-shuffle").events[-1]
+    assert rejected["action"] == "reject" and rejected["tag"] == bad["tag"]
+    assert rejected["challenger_metrics"] == bad["metrics"] and rejected["champion_metrics"] == bad["champion_metrics"]
+    assert bentoml.models.get(bad["tag"]).info.labels.get("stage") is None  # kept, never staged
+
+
+def test_retraining_promotes_a_model_as_good_and_records_why(capsys: pytest.CaptureFixture[str]) -> None:
+    first = run([*SMALL, "--model-name", "lc-retrain"], capsys)
+    again = run(["retrain", *SMALL, "--model-name", "lc-retrain"], capsys)
+    # Same data: the champion, evaluated on the same fresh hold-out, scores what it scored.
+    assert again["champion_metrics"]["model"]["ndcg"] == pytest.approx(first["metrics"]["model"]["ndcg"])
+    assert again["decision"]["promote"] is True and again["champion"] == again["tag"]
+    event = registry.load("lc-retrain").events[-1]
+    assert event["action"] == "promote" and event["previous"] == first["tag"] and event["reason"] == "retrain"
+    assert bentoml.models.get(again["tag"]).info.metadata["compared_with"]["tag"] == first["tag"]
+    challenger = run(["retrain", *SMALL, "--model-name", "lc-retrain", "--seed", "8", "--stage", "challenger",
+                      "--margin", "1"], capsys)  # fmt: skip
+    assert challenger["champion"] == again["tag"] and challenger["challenger"] == challenger["tag"]
+
+
+def test_plain_training_does_not_replace_the_champion(capsys: pytest.CaptureFixture[str]) -> None:
+    first = run([*SMALL, "--model-name", "lc-plain"], capsys)
+    second = run([*SMALL, "--model-name", "lc-plain", "--seed", "8"], capsys)
+    assert second["champion"] == first["tag"] and second["decision"] is None
+    third = run([*SMALL, "--model-name", "lc-plain", "--seed", "9", "--promote"], capsys)
+    assert third["champion"] == third["tag"]
+
+
+def test_models_cli_list_show_compare(two_versions: tuple[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    a, b = two_versions
+    registry.promote(a)
+    listed = run(["models", "list", "--name", "lc-int"], capsys)
+    assert [r["tag"] for r in listed] == [b, a]  # newest first
+    assert {r["tag"]: r["stage"] for r in listed}[a] == "champion"
+    assert run(["models", "show", "champion", "--name", "lc-int"], capsys)["tag"] == a
+    diff = run(["models", "compare", "lc-int:champion", b], capsys)
+    ndcg = diff["metrics"]["model.ndcg"]
+    assert ndcg["delta"] == pytest.approx(ndcg["b"] - ndcg["a"])
+    assert diff["schema"]["same"] is True and diff["schema"]["added"] == [] and diff["same_data"] is False
+    assert main(["models", "show", "lc-int:nope"]) == 2
+    assert "no such model version" in capsys.readouterr().err
+
+
+README_MODELS_LINES = [
+    line.strip() for line in (PROJECT_ROOT / "README.md").read_text().splitlines()
+    if line.startswith(".venv/bin/python -m training models ")
+]  # fmt: skip
+
+
+def test_readme_models_lines_run_in_order(two_versions: tuple[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's `models` lines, run as written (for this test's model name), in order."""
+    a, b = two_versions
+    registry.promote(b)
+    registry.promote(a)  # champion a, b before it: `promote latest --stage challenger` and `rollback` apply
+    assert len(README_MODELS_LINES) >= 5
+    for line in README_MODELS_LINES:
+        words = shlex.split(line.replace("recsys-ranker:", "lc-int:"), comments=True)[3:]
+        assert main([*words, "--name", "lc-int"]) == 0, line
+    capsys.readouterr()
+    reg = registry.load("lc-int")
+    assert (reg.champion, reg.challenger) == (b, None)  # the rollback brought b back

@@ -1,0 +1,210 @@
+"""Model lifecycle commands over the registry (models/registry.py):
+
+    python -m training models list|show|compare|promote|rollback|clear-challenger|history
+    python -m training retrain --dataset ... [--margin M]   (see `decide`)
+
+Versions can be named by exact tag, by `name:latest`, or by a stage (`champion`,
+`challenger`, or `name:champion`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import bentoml
+from bentoml.exceptions import NotFound
+
+from models import registry
+from models.registry import ALIASES, STAGES, RegistryError
+from models.settings import RecsysSettings
+from models.store import ModelCheckError
+
+COMPARED_METRICS = ("ndcg", "recall", "hitrate", "map")
+
+
+def resolve_ref(ref: str, default_name: str) -> str:
+    """An exact tag for `ref`: a stage or `latest` (of `default_name` or of `name:`), or a tag."""
+    name, _, version = ref.rpartition(":") if ":" in ref else (default_name, "", ref)
+    if version in ALIASES:
+        try:
+            return registry.resolve_alias(name, version)
+        except ModelCheckError as err:
+            raise RegistryError(str(err)) from err
+    return registry.exact_tag(ref)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome of a retraining run's gate on NDCG@k over the same fresh hold-out."""
+
+    promote: bool
+    challenger_ndcg: float
+    champion_ndcg: float | None
+    margin: float
+    reason: str
+
+    def as_record(self) -> dict[str, Any]:
+        return {"promote": self.promote, "challenger_ndcg": self.challenger_ndcg,
+                "champion_ndcg": self.champion_ndcg, "margin": self.margin, "reason": self.reason}  # fmt: skip
+
+
+def decide(challenger: dict[str, Any], champion: dict[str, Any] | None, margin: float) -> Decision:
+    """Promote unless the challenger's NDCG@k is below the champion's by more than `margin`.
+    The challenger must also beat its own co-occurrence baseline: a model that learned
+    nothing ranks no better than its candidate order."""
+    ndcg = float(challenger["model"]["ndcg"])
+    baseline = float(challenger["baseline_cooccurrence"]["ndcg"])
+    if ndcg <= baseline:
+        return Decision(False, ndcg, _ndcg(champion), margin,
+                        f"NDCG {ndcg:.4f} does not beat the co-occurrence baseline {baseline:.4f}")  # fmt: skip
+    if champion is None:
+        return Decision(True, ndcg, None, margin, "no champion yet")
+    best = _ndcg(champion)
+    assert best is not None
+    if ndcg < best - margin:
+        return Decision(False, ndcg, best, margin,
+                        f"NDCG {ndcg:.4f} < champion {best:.4f} - margin {margin}")  # fmt: skip
+    return Decision(True, ndcg, best, margin, f"NDCG {ndcg:.4f} >= champion {best:.4f} - margin {margin}")
+
+
+def _ndcg(metrics: dict[str, Any] | None) -> float | None:
+    return None if metrics is None else float(metrics["model"]["ndcg"])
+
+
+# ---- models ... ------------------------------------------------------------------------
+
+
+def _summary(model: bentoml.Model, reg: registry.Registry) -> dict[str, Any]:
+    meta = model.info.metadata
+    metrics = meta.get("metrics", {})
+    return {
+        "tag": str(model.tag),
+        "stage": reg.stage_of(str(model.tag)),
+        "created": model.info.creation_time.isoformat(timespec="seconds"),
+        "dataset": meta.get("dataset", {}).get("name"),
+        "data_hash": meta.get("dataset", {}).get("content_hash"),
+        "ndcg": metrics.get("model", {}).get("ndcg"),
+        "baseline_cooccurrence_ndcg": metrics.get("baseline_cooccurrence", {}).get("ndcg"),
+        "schema_hash": meta.get("schema_hash"),
+    }
+
+
+def cmd_list(name: str) -> list[dict[str, Any]]:
+    reg = registry.load(name)
+    try:
+        models = bentoml.models.list(name)
+    except NotFound:
+        models = []
+    return [_summary(m, reg) for m in sorted(models, key=lambda m: m.info.creation_time, reverse=True)]
+
+
+def cmd_show(ref: str, name: str) -> dict[str, Any]:
+    tag = resolve_ref(ref, name)
+    model = bentoml.models.get(tag)
+    return {**_summary(model, registry.load(tag.split(":")[0])), "labels": dict(model.info.labels),
+            "metadata": model.info.metadata}  # fmt: skip
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def cmd_compare(a_ref: str, b_ref: str, name: str) -> dict[str, Any]:
+    """B against A: metric deltas, feature-schema differences, parameter differences."""
+    a, b = (bentoml.models.get(resolve_ref(r, name)) for r in (a_ref, b_ref))
+    ma, mb = a.info.metadata, b.info.metadata
+    deltas = {}
+    for key in ("model", "baseline_cooccurrence", "baseline_popularity"):
+        for metric in COMPARED_METRICS:
+            va, vb = ma["metrics"][key][metric], mb["metrics"][key][metric]
+            deltas[f"{key}.{metric}"] = {"a": va, "b": vb, "delta": vb - va}
+    fa = {f["name"]: f for f in ma["feature_schema"]}
+    fb = {f["name"]: f for f in mb["feature_schema"]}
+    schema = {
+        "same": ma["schema_hash"] == mb["schema_hash"],
+        "added": sorted(set(fb) - set(fa)),
+        "removed": sorted(set(fa) - set(fb)),
+        "changed": sorted(n for n in set(fa) & set(fb) if fa[n] != fb[n]),
+        "order_changed": [f for f in fa if f in fb] != [f for f in fb if f in fa],
+    }
+    pa, pb = _flat(ma["params"]), _flat(mb["params"])
+    params = {k: {"a": pa.get(k), "b": pb.get(k)} for k in sorted(set(pa) | set(pb)) if pa.get(k) != pb.get(k)}
+    same_data = ma["dataset"]["content_hash"] == mb["dataset"]["content_hash"]
+    return {"a": str(a.tag), "b": str(b.tag), "metrics": deltas, "schema": schema, "params": params,
+            "same_data": same_data}  # fmt: skip
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        print("no versions")
+        return
+    cols = ("tag", "stage", "created", "dataset", "ndcg", "baseline_cooccurrence_ndcg")
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else ("-" if v is None else str(v))  # noqa: E731
+    cells = [[fmt(r[c]) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def models_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--name", default=None, help="model name (default: RECSYS_MODEL_NAME)")
+    common.add_argument("--json", action="store_true", help="JSON on stdout")
+    p = argparse.ArgumentParser(prog="python -m training models", description="Model versions and stages.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help_: str, *positional: str) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, help=help_, parents=[common])
+        for arg in positional:
+            cmd.add_argument(arg, help="a tag (name:version), name:latest, or a stage (champion, challenger)")
+        return cmd
+
+    add("list", "versions, newest first, with metrics and stage")
+    add("show", "one version", "ref")
+    add("compare", "B against A: metric deltas, schema and parameter diff", "a", "b")
+    add("promote", "make a version the champion (or the challenger)", "ref").add_argument(
+        "--stage", choices=STAGES, default="champion"
+    )
+    add("rollback", "make the previous champion the champion again")
+    add("clear-challenger", "remove the challenger stage")
+    add("history", "promotions, rollbacks and retraining decisions")
+    return p
+
+
+def models_main(argv: list[str]) -> int:
+    args = models_parser().parse_args(argv)
+    name = args.name or RecsysSettings().model_name
+    out: Any
+    if args.command == "list":
+        out = cmd_list(name)
+        if not args.json:
+            _print_table(out)
+            return 0
+    elif args.command == "show":
+        out = cmd_show(args.ref, name)
+    elif args.command == "compare":
+        out = cmd_compare(args.a, args.b, name)
+    elif args.command == "promote":
+        reg = registry.promote(resolve_ref(args.ref, name), args.stage)
+        out = {"champion": reg.champion, "challenger": reg.challenger}
+    elif args.command == "rollback":
+        reg = registry.rollback(name)
+        out = {"champion": reg.champion, "challenger": reg.challenger}
+    elif args.command == "clear-challenger":
+        reg = registry.clear_challenger(name)
+        out = {"champion": reg.champion, "challenger": reg.challenger}
+    else:
+        out = registry.load(name).events
+    print(json.dumps(out, indent=None if args.json else 2, default=str))
+    return 0
+
