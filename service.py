@@ -29,7 +29,13 @@ from models.api_schema import (
     VersionInfo,
     input_error,
 )
-from models.bentoml_patches import cache_media_types, cap_batch_wait, delay_sigterm, patch_openapi
+from models.bentoml_patches import (
+    cache_media_types,
+    cap_batch_wait,
+    delay_sigterm,
+    patch_openapi,
+    separate_monitor_logs,
+)
 from models.guard import RequestGuard
 from models.monitoring import DriftMonitor
 from models.recommender import Recommender, UnknownItemsError
@@ -41,6 +47,7 @@ from models.variants import TrafficLog, Variant, routes_to_challenger
 
 settings = RecsysSettings()  # configuration only: decorators below need it at import
 cache_media_types()
+separate_monitor_logs()
 cap_batch_wait(settings.max_batch_wait_ms / 1000)
 # Exact versions, resolved once: `bentoml build` pins what this resolves to.
 PLAN = serving_plan(settings, Path(__file__))

@@ -16,6 +16,9 @@ kept holding single requests ~20 ms at low load (decaying ~5% per 5 s refresh), 
 at one client took 24 ms instead of 3.5. `cap_batch_wait` bounds that learned wait; under
 load batches still form while the model is busy.
 
+Monitor logs: every `bentoml.monitor` name shares two process-wide loggers, so a second
+monitor name in a worker took over the first one's records (`separate_monitor_logs`).
+
 OpenAPI truthfulness (`/docs.json`):
 - BentoML documents a 400 body as `{"error": str, "detail": str}` but sends `detail` as the
   list of pydantic errors; schema-checking clients (schemathesis) reject every 400. The
@@ -168,3 +171,52 @@ def cap_batch_wait(max_wait_s: float) -> None:
     setattr(trigger_refresh, _PATCHED, True)
     trigger_refresh.__wrapped__ = original  # type: ignore[attr-defined]
     optimizer.trigger_refresh = trigger_refresh
+
+
+def separate_monitor_logs() -> None:
+    """Give each `bentoml.monitor` name loggers of its own.
+
+    BentoML's DefaultMonitor configures the process-wide loggers `bentoml_monitor_data` and
+    `bentoml_monitor_schema` for whichever monitor logs first, then for the next one: with
+    two monitor names in one worker (drift samples, the request log, the shadow log) every
+    record went to the files of the last one initialised. Here each monitor gets the same
+    files and JSON format as BentoML's default config, on loggers named after the monitor.
+    A user's own log_config_file is left to BentoML."""
+    monitoring = importlib.import_module("bentoml._internal.monitoring.default")
+    monitor_cls = monitoring.DefaultMonitor
+    current = monitor_cls._init_logger
+    if getattr(current, _PATCHED, False):
+        return
+    original = current
+
+    def _init_logger(self: Any) -> None:
+        if self.log_config_file is not None:
+            original(self)
+            return
+        import logging.handlers
+        from pathlib import Path
+
+        from bentoml._internal.context import server_context
+        from pythonjsonlogger.json import JsonFormatter
+
+        worker = server_context.worker_index or 0
+        for kind in ("data", "schema"):
+            path = Path(self.log_path, self.name, kind, f"{kind}.{worker}.log").absolute()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handler: logging.Handler = (
+                logging.handlers.TimedRotatingFileHandler(path, when="D")
+                if kind == "data"
+                else logging.handlers.RotatingFileHandler(path)
+            )
+            handler.setFormatter(JsonFormatter("()", validate=False))
+            logger = logging.getLogger(f"bentoml_monitor_{kind}.{self.name}")
+            for old in logger.handlers:
+                old.close()
+            logger.handlers = [handler]
+            logger.setLevel(logging.INFO)
+            logger.propagate = False
+            setattr(self, f"{kind}_logger", logger)
+
+    setattr(_init_logger, _PATCHED, True)
+    _init_logger.__wrapped__ = original  # type: ignore[attr-defined]
+    monitor_cls._init_logger = _init_logger

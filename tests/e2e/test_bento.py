@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import bentoml
 import pytest
@@ -19,8 +20,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 SMALL = ["--n-users", "400", "--n-items", "300", "--n-interactions", "20000", "--json"]
 
 
-def run(args: list[str], home: Path, cwd: Path = PROJECT_ROOT) -> str:
-    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
+def run(args: list[str], home: Path, cwd: Path = PROJECT_ROOT, extra_env: dict[str, str] | None = None) -> str:
+    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true", **(extra_env or {})}
     env.pop("RECSYS_MODEL_TAG", None)
     out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, f"{args} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
@@ -33,13 +34,17 @@ def train_default_model(home: Path) -> str:
     return str(json.loads(run([sys.executable, "-m", "training", *SMALL], home))["tag"])
 
 
+def build(home: Path, extra_env: dict[str, str] | None = None) -> str:
+    out = run([BENTOML_BIN, "build", ".", "--output", "tag"], home, extra_env=extra_env)
+    return next(line.split("__tag__:")[1] for line in out.splitlines() if "__tag__:" in line).strip()
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str | Path]]:
     root = tmp_path_factory.mktemp("bento")
     build_home = root / "build-home"
     model_tag = train_default_model(build_home)
-    out = run([BENTOML_BIN, "build", ".", "--output", "tag"], build_home)
-    bento_tag = next(line.split("__tag__:")[1] for line in out.splitlines() if "__tag__:" in line).strip()
+    bento_tag = build(build_home)
     newer_tag = train_default_model(build_home)  # after the build: must not leak into the Bento
     archive = root / "recsys.bento"
     run([BENTOML_BIN, "export", bento_tag, str(archive)], build_home)
@@ -47,13 +52,15 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str | 
            "bento_tag": bento_tag, "archive": archive}  # fmt: skip
 
 
-def serve_and_recommend(bento_tag: str, home: Path, cwd: Path) -> dict[str, object]:
-    proc: ServerProcess = start_server([bento_tag], cwd=cwd, env={"BENTOML_HOME": str(home)})
+def serve_and_recommend(bento_tag: str, home: Path, cwd: Path, extra_env: dict[str, str] | None = None
+                        ) -> dict[str, Any]:  # fmt: skip
+    proc: ServerProcess = start_server([bento_tag], cwd=cwd, env={"BENTOML_HOME": str(home), **(extra_env or {})})
     try:
         with bentoml.SyncHTTPClient(proc.url) as client:
             got = client.recommend(user_id="u1", k=5)
-            assert client.model_info()["tag"] == got["model_tag"]
-            return got
+            info = client.model_info()
+            assert info["tag"] == got["model_tag"] or info["challenger"]["tag"] == got["model_tag"]
+            return {**got, "model_info": info}
     finally:
         assert proc.stop() in (0, -15)
 
@@ -72,3 +79,21 @@ def test_exported_bento_serves_from_an_isolated_store(built: dict[str, str | Pat
 def test_bento_keeps_its_pinned_model_in_a_store_with_newer_versions(built: dict[str, str | Path]) -> None:
     got = serve_and_recommend(str(built["bento_tag"]), Path(built["build_home"]), cwd=Path(built["root"]))
     assert got["model_tag"] == built["model_tag"] != built["newer_tag"]
+
+
+def test_a_bento_pins_champion_and_challenger(built: dict[str, str | Path]) -> None:
+    """Built with a challenger in split mode, the Bento serves exactly the two versions it
+    resolved at build time, after the registry has moved on."""
+    home = Path(built["build_home"])
+    champion, challenger = str(built["model_tag"]), str(built["newer_tag"])
+    models_cli = [sys.executable, "-m", "training", "models"]
+    run([*models_cli, "promote", champion], home)
+    run([*models_cli, "promote", challenger, "--stage", "challenger"], home)
+    split = {"RECSYS_CHALLENGER_MODE": "split", "RECSYS_CHALLENGER_SHARE": "0.5"}
+    bento_tag = build(home, split)
+    run([*models_cli, "promote", challenger], home)  # after the build: the champion changes
+    bento_yaml = Path(run([BENTOML_BIN, "get", bento_tag, "-o", "path"], home).strip()) / "bento.yaml"
+    assert champion in bento_yaml.read_text() and challenger in bento_yaml.read_text()
+    info = serve_and_recommend(bento_tag, home, cwd=Path(built["root"]), extra_env=split)["model_info"]
+    assert info["tag"] == champion and info["challenger"]["tag"] == challenger
+    assert info["routing"] == {"mode": "split", "challenger_share": 0.5}

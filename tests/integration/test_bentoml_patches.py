@@ -4,6 +4,7 @@ still needed (if BentoML's own document becomes right, the second test says so).
 from __future__ import annotations
 
 import importlib
+import json
 from typing import Any
 
 import pytest
@@ -74,3 +75,32 @@ def test_batcher_wait_is_capped() -> None:
     optimizer.trigger_refresh()
     assert optimizer.wait <= service.settings.max_batch_wait_ms / 1000
     assert optimizer.o_a > 0  # the rest of the model is still learned
+
+
+# BentoML's own config names the deprecated `pythonjsonlogger.jsonlogger` module.
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("patched", [True, False], ids=["patched", "bentoml-own"])
+def test_each_monitor_name_writes_its_own_files(
+    patched: bool, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the patch, two monitor names in one process keep their records apart; without
+    it (BentoML's own logger set-up) the second name takes the first one's records — if
+    that stops happening, BentoML fixed it and the patch can go."""
+    import bentoml
+    from bentoml._internal.monitoring.default import DefaultMonitor
+
+    from models.bentoml_patches import separate_monitor_logs
+
+    separate_monitor_logs()
+    if not patched:
+        monkeypatch.setattr(DefaultMonitor, "_init_logger", DefaultMonitor._init_logger.__wrapped__)
+    names = [f"recsys_test_{tmp_path.name}_{x}" for x in ("a", "b")]
+    for name in (names[0], names[1], names[0], names[0]):
+        with bentoml.monitor(name, monitor_options={"log_path": str(tmp_path)}) as mon:
+            mon.log(name, name="which", role="feature", data_type="categorical")
+    found = {n: [json.loads(line)["which"] for line in (tmp_path / n / "data" / "data.0.log").read_text().splitlines()]
+             for n in names}  # fmt: skip
+    if patched:
+        assert found == {names[0]: [names[0]] * 3, names[1]: [names[1]]}
+    else:
+        assert found[names[1]] != [names[1]], "BentoML keeps monitor names apart now: drop separate_monitor_logs"
