@@ -38,6 +38,7 @@ from models.bentoml_patches import (
 )
 from models.guard import RequestGuard
 from models.monitoring import DriftMonitor
+from models.rankers import RankerPool
 from models.recommender import Recommender, UnknownItemsError
 from models.schema import FEATURE_DTYPE, FEATURE_NAMES, N_FEATURES
 from models.settings import RecsysSettings
@@ -51,6 +52,8 @@ separate_monitor_logs()
 cap_batch_wait(settings.max_batch_wait_ms / 1000)
 # Exact versions, resolved once: `bentoml build` pins what this resolves to.
 PLAN = serving_plan(settings, Path(__file__))
+# Separate scaling: with URLs, `serve` starts no ranking service; the API calls these.
+RANKER_URLS = settings.ranker_url_list()
 NO_ROWS = np.zeros((0, N_FEATURES), dtype=FEATURE_DTYPE)
 NO_SCORES = np.zeros(0, dtype=FEATURE_DTYPE)
 
@@ -150,7 +153,7 @@ class RankerService:
 class ApiService:
     """The public recommendation API."""
 
-    ranker = bentoml.depends(RankerService)
+    ranker = bentoml.depends(RankerService, url=RANKER_URLS[0] if RANKER_URLS else None)
     bento_model = bentoml.models.BentoModel(PLAN.champion)
     challenger_model = _model(PLAN.challenger)
 
@@ -171,6 +174,10 @@ class ApiService:
         if cls.challenger_model is not None:
             self.challenger = self._load("challenger", str(cls.challenger_model.tag), "score_challenger")
         self.traffic = TrafficLog(settings)
+        # BentoML sets up its declared dependency (the first URL); the others are set up in
+        # the startup hook below, the same way.
+        self._more_rankers = [bentoml.depends(RankerService, url=u).get() for u in RANKER_URLS[1:]]
+        self.rankers = RankerPool([self.ranker, *self._more_rankers], RANKER_URLS or ["local"])
         self._shadow_tasks: set[asyncio.Task[None]] = set()
         self._ranker_checked = False
 
@@ -187,6 +194,7 @@ class ApiService:
 
     @bentoml.on_startup
     async def start_drift_flusher(self) -> None:
+        await asyncio.gather(*(proxy.__aenter__() for proxy in self._more_rankers))
         loop = asyncio.get_running_loop()
         self._flushers = [loop.create_task(v.drift.flush_forever()) for v in self.variants]
         freeze_startup_heap()
@@ -202,23 +210,19 @@ class ApiService:
         return self.champion
 
     async def _score(self, variant: Variant, features: np.ndarray) -> np.ndarray:
-        try:
-            if not self._ranker_checked:
-                await self._check_ranker()
-            if len(features) == 0:
-                return np.zeros(0, dtype=FEATURE_DTYPE)
-            return np.asarray(await getattr(self.ranker.to_async, variant.score_api)(features))
-        except aiohttp.ClientError as err:
-            # The ranking service is gone (shutting down, or a worker died): a retryable 503,
-            # not a 500.
-            raise ServiceUnavailable(f"ranking service unreachable: {err}") from err
+        if not self._ranker_checked:
+            await self._check_ranker()
+        if len(features) == 0:
+            return np.zeros(0, dtype=FEATURE_DTYPE)
+        # An unreachable ranking service is a retryable 503 (models/rankers.py), not a 500.
+        return np.asarray(await self.rankers.call(variant.score_api, features))
 
     async def _check_ranker(self) -> None:
-        """Both services resolve the model tags on their own; refuse to mix versions."""
-        ranker_tags = await self.ranker.to_async.model_tags()
+        """The services resolve the model tags on their own; refuse to mix versions."""
         ours = {"champion": self.champion.tag, "challenger": self.challenger.tag if self.challenger else None}
-        if ranker_tags != ours:
-            raise ServiceUnavailable(f"model mismatch: the ranking service serves {ranker_tags}, the API {ours}")
+        for name, tags in (await self.rankers.each("model_tags")).items():
+            if tags != ours:
+                raise ServiceUnavailable(f"model mismatch: the ranking service {name} serves {tags}, the API {ours}")
         self._ranker_checked = True
 
     def _shadow(self, endpoint: str, user_id: str, served: list[dict[str, Any]],

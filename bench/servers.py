@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 
 BENTOML_BIN = str(Path(sys.executable).parent / "bentoml")
 READY_TIMEOUT_S = 90.0
@@ -34,8 +35,16 @@ class ServerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def _tree(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
     def stop(self) -> int:
-        """SIGTERM the whole process group (serve spawns workers), SIGKILL if it lingers."""
+        """SIGTERM the process group (serve forwards it to its workers), SIGKILL if it
+        lingers. Workers run in process groups of their own, so any left are killed too."""
+        workers = self._tree()
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
@@ -43,7 +52,24 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=10)
+        _kill_all(workers)
         return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the server and every worker at once: a crash, not a shutdown."""
+        workers = self._tree()
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+        _kill_all(workers)
+
+
+def _kill_all(processes: list[psutil.Process]) -> None:
+    for p in processes:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            continue
+    psutil.wait_procs(processes, timeout=10)
 
 
 def start_process(

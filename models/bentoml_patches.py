@@ -23,6 +23,8 @@ OpenAPI truthfulness (`/docs.json`):
 - BentoML documents a 400 body as `{"error": str, "detail": str}` but sends `detail` as the
   list of pydantic errors; schema-checking clients (schemathesis) reject every 400. The
   served document says what is really sent.
+- Optional fields (`X | None`, default null) are marked `nullable`: BentoML keeps only `X`,
+  so a null value (a `/model` with no challenger) failed the document's own schema.
 - Request bodies with required fields are marked `required` (BentoML leaves it out, so an
   empty body looks valid).
 - The responses of the request guard (401, 413, 503; models/guard.py) are added to every
@@ -59,8 +61,25 @@ GUARD_RESPONSES = {
 _PATCHED = "__recsys_openapi_patched__"
 
 
+def _nullable_defaults(node: Any) -> None:
+    """Properties whose default is null may be null: say so (BentoML keeps only the first
+    member of `X | None`, so a null response value failed its own schema)."""
+    if isinstance(node, dict):
+        for prop in (node.get("properties") or {}).values():
+            if isinstance(prop, dict) and "default" in prop and prop["default"] is None and not prop.get("nullable"):
+                if "$ref" in prop:  # OpenAPI 3.0 ignores siblings of $ref
+                    prop["allOf"] = [{"$ref": prop.pop("$ref")}]
+                prop["nullable"] = True
+        for value in node.values():
+            _nullable_defaults(value)
+    elif isinstance(node, list):
+        for value in node:
+            _nullable_defaults(value)
+
+
 def fix_openapi(doc: dict[str, Any], guarded_routes: set[str]) -> dict[str, Any]:
-    """Return `doc` (an OpenAPI dict from BentoML) with the two fixes above."""
+    """Return `doc` (an OpenAPI dict from BentoML) with the fixes above."""
+    _nullable_defaults(doc)
     schemas = doc.get("components", {}).get("schemas", {})
     invalid = schemas.get("InvalidArgument")
     if invalid is not None:

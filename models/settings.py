@@ -80,6 +80,13 @@ class RecsysSettings(BaseSettings):
         "API service can finish its in-flight requests."
     )
 
+    # Separate scaling: the API calls ranking services started on their own
+    # (`bentoml serve service:RankerService`), and spawns none itself.
+    ranker_urls: str | None = Field(
+        None, description="Comma-separated URLs of ranking services run on their own; requests "
+        "go round-robin, and a ranking service that refuses connections is skipped for a while."
+    )
+
     # The public API service.
     # Tuned on 2 cores (bench/perf.py): two API workers beside one ranking worker served
     # /recommend ~15% faster than one; the access log costs ~5% (/metrics counts requests).
@@ -115,6 +122,9 @@ class RecsysSettings(BaseSettings):
     monitor_sample: float = Field(
         0.001, ge=0, le=1, description="Share of requests whose features and scores are logged."
     )
+
+    def ranker_url_list(self) -> list[str]:
+        return [u.strip().rstrip("/") for u in (self.ranker_urls or "").split(",") if u.strip()]
 
     def api_key_list(self) -> list[str]:
         if self.api_keys is None:

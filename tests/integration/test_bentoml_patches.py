@@ -34,6 +34,12 @@ def test_served_document_is_fixed(docs: tuple[dict[str, Any], dict[str, Any]]) -
         assert set(GUARD_RESPONSES) <= {str(code) for code in responses}
     for path in ("/recommend", "/rank", "/score"):
         assert served["paths"][path]["post"]["requestBody"]["required"] is True
+    challenger = model_response(served)["properties"]["challenger"]
+    assert challenger["nullable"] is True and challenger["allOf"][0]["$ref"].endswith("/VersionInfo")
+
+
+def model_response(doc: dict[str, Any]) -> dict[str, Any]:
+    return doc["paths"]["/model"]["post"]["responses"][200]["content"]["application/json"]["schema"]
 
 
 def test_bentomls_own_document_still_needs_the_fixes(docs: tuple[dict[str, Any], dict[str, Any]]) -> None:
@@ -41,6 +47,7 @@ def test_bentomls_own_document_still_needs_the_fixes(docs: tuple[dict[str, Any],
     detail = original["components"]["schemas"]["InvalidArgument"]["properties"]["detail"]
     assert detail.get("type") == "string", "BentoML documents 400 details right now: drop the fix"
     assert not original["paths"]["/recommend"]["post"]["requestBody"].get("required")
+    assert "nullable" not in model_response(original)["properties"]["challenger"]
 
 
 def test_media_types_are_computed_once_per_output_type(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,63 @@
+"""Separate scaling: two ranking services started on their own (`bentoml serve
+service:RankerService`) on different ports, behind an API service that spawns none
+(RECSYS_RANKER_URLS). Both get traffic; kill one and the rest keeps serving."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import bentoml
+import httpx
+import psutil
+import pytest
+
+from tests.helpers import PROJECT_ROOT, ServerProcess, start_server
+from training.pipeline import TrainResult
+
+pytestmark = pytest.mark.e2e
+
+
+def ranker_calls(api: ServerProcess, ranker: ServerProcess) -> float:
+    """Calls the API made to the ranking service at `ranker.url` that it answered."""
+    text = httpx.get(f"{api.url}/metrics", timeout=10).text
+    line = f'recsys_ranker_calls_total{{outcome="ok",ranker="{ranker.url}"}}'
+    return sum(float(x.split()[-1]) for x in text.splitlines() if x.startswith(line))
+
+
+@pytest.fixture(scope="module")
+def cluster(trained: TrainResult, bentoml_home: Path) -> Iterator[dict[str, object]]:
+    env = {"BENTOML_HOME": str(bentoml_home), "RECSYS_MODEL_TAG": str(trained.tag)}
+    rankers = [start_server(["service:RankerService"], cwd=PROJECT_ROOT, env=env) for _ in range(2)]
+    api: ServerProcess | None = None
+    try:
+        api = start_server(["service:ApiService"], cwd=PROJECT_ROOT,
+                           env={**env, "RECSYS_RANKER_URLS": ",".join(r.url for r in rankers)})  # fmt: skip
+        yield {"api": api, "rankers": rankers}
+    finally:
+        for proc in [api, *rankers]:
+            if proc is not None:
+                proc.stop()
+
+
+def test_api_spawns_no_ranking_service_of_its_own(cluster: dict[str, object]) -> None:
+    api = cluster["api"]
+    assert isinstance(api, ServerProcess)
+    workers = [" ".join(c.cmdline()) for c in psutil.Process(api.proc.pid).children(recursive=True)]
+    assert any("ApiService" in w for w in workers), workers
+    assert not any("RankerService" in w for w in workers), workers
+
+
+def test_both_ranking_services_serve_and_one_can_die(cluster: dict[str, object]) -> None:
+    api, rankers = cluster["api"], cluster["rankers"]
+    assert isinstance(api, ServerProcess) and isinstance(rankers, list)
+    before = [ranker_calls(api, r) for r in rankers]
+    with bentoml.SyncHTTPClient(api.url) as client:
+        first = [client.recommend(user_id=f"u{i}", k=5) for i in range(40)]
+        after = [ranker_calls(api, r) for r in rankers]
+        assert all(a - b >= 10 for a, b in zip(after, before)), (before, after)  # round-robin: both
+        rankers[0].kill()
+        second = [client.recommend(user_id=f"u{i}", k=5) for i in range(40)]
+    assert [r["items"] for r in second] == [r["items"] for r in first]  # same answers, no errors
+    assert ranker_calls(api, rankers[1]) - after[1] >= 40
+    assert ranker_calls(api, rankers[0]) == after[0]
