@@ -88,7 +88,7 @@ def _check_features(features: np.ndarray) -> np.ndarray:
 
 @bentoml.service(
     workers=settings.ranker_workers,
-    resources={"cpu": str(settings.ranker_cpu)},
+    resources={"cpu": str(settings.ranker_cpu), "memory": settings.ranker_memory},
     traffic={"timeout": settings.traffic_timeout_s},
     logging={"access": {"enabled": settings.access_log}},
     runner_connection={"max_requests": settings.runner_max_requests, "max_age": settings.runner_max_age_s},
@@ -147,6 +147,7 @@ class RankerService:
 
 @bentoml.service(
     workers=settings.api_workers,
+    resources={"cpu": str(settings.api_cpu), "memory": settings.api_memory},
     traffic={"timeout": settings.traffic_timeout_s},
     logging={"access": {"enabled": settings.access_log}},
 )

@@ -57,6 +57,9 @@ class RecsysSettings(BaseSettings):
     # The ranking service (the "runner").
     ranker_workers: int = Field(1, ge=1, description="Worker processes of the ranking service.")
     ranker_cpu: int = Field(1, ge=1, description="CPUs the ranking service declares.")
+    ranker_memory: str = Field(
+        "1Gi", description="Memory the ranking service declares (a worker measured ~370 MB)."
+    )
     nthread: int = Field(1, ge=1, description="XGBoost threads per worker (1 wins for small batches).")
     batching: bool = Field(True, description="Adaptive batching of the ranking service's /score.")
     max_batch_size: int = Field(
@@ -91,6 +94,8 @@ class RecsysSettings(BaseSettings):
     # Tuned on 2 cores (bench/perf.py): two API workers beside one ranking worker served
     # /recommend ~15% faster than one; the access log costs ~5% (/metrics counts requests).
     api_workers: int = Field(2, ge=1, description="Worker processes of the API service.")
+    api_cpu: int = Field(1, ge=1, description="CPUs the API service declares.")
+    api_memory: str = Field("1Gi", description="Memory the API service declares (two workers).")
     access_log: bool = Field(False, description="BentoML's per-request access log (both services).")
     traffic_timeout_s: float = Field(30.0, gt=0, description="Request timeout of both services.")
     max_k: int = Field(100, ge=1, description="Largest k accepted by /recommend.")

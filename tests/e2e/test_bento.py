@@ -12,9 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import bentoml
+import psutil
 import pytest
 
-from tests.helpers import BENTOML_BIN, PROJECT_ROOT, ServerProcess, start_server
+from bench.servers import start_process
+from deploy.render import render
+from tests.helpers import BENTOML_BIN, PROJECT_ROOT, ServerProcess, free_port, start_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 SMALL = ["--n-users", "400", "--n-items", "300", "--n-interactions", "20000", "--json"]
@@ -97,3 +100,36 @@ def test_a_bento_pins_champion_and_challenger(built: dict[str, str | Path]) -> N
     info = serve_and_recommend(bento_tag, home, cwd=Path(built["root"]), extra_env=split)["model_info"]
     assert info["tag"] == champion and info["challenger"]["tag"] == challenger
     assert info["routing"] == {"mode": "split", "challenger_share": 0.5}
+
+
+def test_the_kubernetes_commands_serve_the_bento_as_two_services(built: dict[str, str | Path]) -> None:
+    """What deploy/k8s runs in each pod (the image's entrypoint turns the container args
+    into `python -m bentoml_cli._internal.start ... $BENTO_PATH`), run here on the imported
+    Bento: the ranking service alone, and the API service pointed at it by URL."""
+    home = Path(built["root"]) / "k8s-home"
+    run([BENTOML_BIN, "import", str(built["archive"])], home)
+    bento_path = run([BENTOML_BIN, "get", str(built["bento_tag"]), "-o", "path"], home).strip()
+    manifests = {d["metadata"]["name"]: d for d in render() if d["kind"] == "Deployment"}
+
+    def start(name: str, env: dict[str, str]) -> ServerProcess:
+        (container,) = manifests[name]["spec"]["template"]["spec"]["containers"]
+        args = [a for a in container["args"]]
+        port = free_port()
+        args[args.index("--port") + 1], args[args.index("--host") + 1] = str(port), "127.0.0.1"
+        command = [sys.executable, "-m", "bentoml_cli._internal.start", *args, bento_path]
+        return start_process(command, Path(built["root"]), {"BENTOML_HOME": str(home), **env}, port,
+                             home / f"{name}.log")  # fmt: skip
+
+    ranker = start("recsys-ranker", {})
+    try:
+        api = start("recsys-api", {"RECSYS_RANKER_URLS": ranker.url})
+        try:
+            with bentoml.SyncHTTPClient(api.url) as client:
+                got = client.recommend(user_id="u1", k=5)
+            assert got["model_tag"] == built["model_tag"] and len(got["items"]) == 5
+            workers = [" ".join(c.cmdline()) for c in psutil.Process(api.proc.pid).children(recursive=True)]
+            assert workers and not any("RankerService" in w for w in workers), workers
+        finally:
+            api.stop()
+    finally:
+        ranker.stop()
