@@ -14,12 +14,15 @@ import dataclasses
 import json
 import logging
 import sys
+from contextlib import nullcontext
+from pathlib import Path
 
 from models import registry
 from models.registry import RegistryError
 from models.settings import RecsysSettings
 from models.store import ModelCheckError
-from training.datasets import DataError, Dataset, interactions, movielens, synthetic
+from training.dask_engine import DaskEngine
+from training.datasets import DataError, Dataset, interactions, movielens, synthetic, write_synthetic
 from training.lifecycle import Decision, decide, models_main
 from training.pipeline import RankerParams, TrainConfig, TrainResult, metrics_table, train
 
@@ -55,6 +58,13 @@ def build_parser(retrain: bool = False) -> argparse.ArgumentParser:
     gen.add_argument("--title-col", default="title")
     gen.add_argument("--genres-col", default="genres")
     gen.add_argument("--year-col", default=None, help="default: a (YYYY) at the end of the title")
+
+    eng = p.add_argument_group("engine")
+    eng.add_argument("--engine", choices=("local", "dask"), default="local",
+                     help="local: this process; dask: candidates and the ranker on a Dask cluster")  # fmt: skip
+    eng.add_argument("--scheduler", default=None,
+                     help="Dask scheduler address (tcp://host:8786); default: a LocalCluster here")  # fmt: skip
+    eng.add_argument("--dask-workers", type=int, default=2, help="LocalCluster workers (default 2)")
 
     mdl = p.add_argument_group("model")
     defaults = RankerParams()
@@ -100,12 +110,37 @@ def load_dataset(args: argparse.Namespace) -> Dataset:
     )
 
 
+def generate_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m training generate",
+        description="Write a partitioned synthetic data set (Parquet), one partition in memory at a time.",
+    )
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--n-users", type=int, default=100_000)
+    p.add_argument("--n-items", type=int, default=20_000)
+    p.add_argument("--n-interactions", type=int, default=10_000_000, help="draws before de-duplication")
+    p.add_argument("--partitions", type=int, default=20)
+    p.add_argument("--seed", type=int, default=7)
+    args = p.parse_args(argv)
+    try:
+        folder, items = write_synthetic(args.out, args.n_users, args.n_items, args.n_interactions,
+                                        args.partitions, args.seed)  # fmt: skip
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"interactions: {folder}  items: {items}")
+    print(f"train on it: python -m training --dataset interactions --data {folder} --items {items} "
+          "--user-col user_id --item-col item_id --time-col ts --rating-col rating")  # fmt: skip
+    return 0
+
+
 def _subcommand(argv: list[str]) -> int | None:
-    if not argv or argv[0] not in ("drift-report", "models", "replay"):
+    if not argv or argv[0] not in ("drift-report", "models", "replay", "generate"):
         return None
     from training import drift_report, replay
 
-    mains = {"drift-report": drift_report.main, "models": models_main, "replay": replay.main}
+    mains = {"drift-report": drift_report.main, "models": models_main, "replay": replay.main,
+             "generate": generate_main}  # fmt: skip
     try:
         return mains[argv[0]](argv[1:])
     except (ModelCheckError, RegistryError, FileNotFoundError) as err:
@@ -163,7 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         champion = registry.load(model_name).champion if retrain else None
         dataset = load_dataset(args)
-        result = train(dataset, config, model_name=model_name, save=not args.dry_run, compare_with=champion)
+        engine = DaskEngine(args.scheduler, args.dask_workers) if args.engine == "dask" else nullcontext(None)
+        with engine as running:
+            result = train(dataset, config, model_name=model_name, save=not args.dry_run,
+                           compare_with=champion, engine=running)  # fmt: skip
         decision = None if args.dry_run else _stage_new_version(result, args, model_name, retrain, margin)
     except (DataError, ModelCheckError, RegistryError) as err:
         print(f"error: {err}", file=sys.stderr)

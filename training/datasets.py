@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,98 @@ GENRES = (
 )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class _SyntheticCatalog:
+    """The item side of the synthetic world, shared by every user block."""
+
+    n_topics: int
+    item_topic: np.ndarray
+    item_weight: np.ndarray
+    years: np.ndarray
+    genres: list[str]
+
+    def items_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(
+            {
+                "item_id": [f"i{i}" for i in range(len(self.years))],
+                "title": [f"Item {i} ({int(y)})" for i, y in enumerate(self.years)],
+                "genres": self.genres,
+                "year": self.years,
+            }
+        )
+
+
+def _synthetic_catalog(rng: np.random.Generator, n_items: int, n_topics: int) -> _SyntheticCatalog:
+    topic_genres = [rng.choice(len(GENRES), size=rng.integers(1, 3), replace=False) for _ in range(n_topics)]
+    item_topic = rng.integers(0, n_topics, n_items)
+    item_weight = 1.0 / np.arange(1, n_items + 1) ** 0.9  # power-law popularity
+    item_weight = item_weight[rng.permutation(n_items)]
+    years = rng.integers(1960, 2025, n_items).astype(np.float32)
+    genres = []
+    for i in range(n_items):
+        g = set(topic_genres[item_topic[i]].tolist())
+        if rng.random() < 0.3:
+            g.add(int(rng.integers(len(GENRES))))
+        genres.append("|".join(GENRES[j] for j in sorted(g)))
+    return _SyntheticCatalog(n_topics, item_topic, item_weight, years, genres)
+
+
+def _synthetic_users(
+    rng: np.random.Generator, cat: _SyntheticCatalog, first_user: int, n_users: int, n_interactions: int,
+    topic_pop: np.ndarray | None = None,
+) -> pd.DataFrame:
+    """Timelines of users first_user .. first_user + n_users - 1 (ids u<N>)."""
+    n_topics, n_items = cat.n_topics, len(cat.years)
+    # Interactions per user: heavy-tailed activity, at least 5 each.
+    activity = rng.lognormal(0.0, 1.0, n_users)
+    per_user = np.maximum(5, np.round(activity / activity.sum() * n_interactions)).astype(np.int64)
+    user = np.repeat(np.arange(n_users), per_user)
+    n = len(user)
+    first = np.concatenate(([True], user[1:] != user[:-1]))
+
+    # Each user's 3 favourite topics with Dirichlet weights; a jump picks one of them, or,
+    # with probability 0.3, any topic by its overall popularity (exploration).
+    if topic_pop is None:
+        topic_pop = rng.dirichlet(np.full(n_topics, 0.5))
+    favourites = rng.choice(n_topics, size=(n_users, 3), p=topic_pop)
+    fav_weights = rng.dirichlet(np.ones(3), n_users)
+    jump = first | (rng.random(n) > 0.75)
+    u = rng.random(n)
+    choice = (u[:, None] > np.cumsum(fav_weights[user], axis=1)).sum(axis=1).clip(0, 2)
+    jump_topic = favourites[user, choice]
+    explore = rng.random(n) < 0.3
+    jump_topic[explore] = rng.choice(n_topics, size=int(explore.sum()), p=topic_pop)
+    last_jump = np.maximum.accumulate(np.where(jump, np.arange(n), 0))
+    topic = jump_topic[last_jump]
+
+    # Within a topic, items are drawn by popularity: one global search over per-topic CDFs.
+    by_topic = np.lexsort((np.arange(n_items), cat.item_topic))
+    sorted_topic = cat.item_topic[by_topic]
+    w = cat.item_weight[by_topic]
+    topic_total = np.bincount(sorted_topic, weights=w, minlength=n_topics)
+    within = np.cumsum(w) - np.concatenate(([0], np.cumsum(topic_total)))[sorted_topic]
+    cdf = sorted_topic + within / np.maximum(topic_total[sorted_topic], 1e-12)
+    draw = topic + rng.random(n) * 0.999999
+    item = by_topic[np.minimum(np.searchsorted(cdf, draw), n_items - 1)]
+    empty_topic = topic_total[topic] == 0
+    item[empty_topic] = rng.integers(0, n_items, int(empty_topic.sum()))
+
+    start = rng.integers(1_500_000_000, 1_600_000_000, n_users)
+    gaps = rng.exponential(3600 * 24, n).astype(np.int64) + 1
+    gaps[first] = 0
+    ts = start[user] + np.cumsum(gaps) - np.repeat(np.cumsum(gaps)[first], per_user)
+    rating = np.clip(np.round(rng.normal(3.6, 0.9, n) * 2) / 2, 0.5, 5.0).astype(np.float32)
+
+    return pd.DataFrame(
+        {
+            "user_id": pd.Series(user + first_user).map("u{}".format),
+            "item_id": pd.Series(item).map("i{}".format),
+            "ts": ts,
+            "rating": rating,
+        }
+    ).drop_duplicates(["user_id", "item_id"], keep="first")
+
+
 def synthetic(
     n_users: int = 3000,
     n_items: int = 2000,
@@ -87,82 +180,60 @@ def synthetic(
     if min(n_users, n_items, n_interactions, n_topics) <= 0:
         raise DataError("synthetic: n_users, n_items, n_interactions and n_topics must be > 0")
     rng = np.random.default_rng(seed)
-    topic_genres = [rng.choice(len(GENRES), size=rng.integers(1, 3), replace=False) for _ in range(n_topics)]
-    item_topic = rng.integers(0, n_topics, n_items)
-    item_weight = 1.0 / np.arange(1, n_items + 1) ** 0.9  # power-law popularity
-    item_weight = item_weight[rng.permutation(n_items)]
-    years = rng.integers(1960, 2025, n_items).astype(np.float32)
-    genres = []
-    for i in range(n_items):
-        g = set(topic_genres[item_topic[i]].tolist())
-        if rng.random() < 0.3:
-            g.add(int(rng.integers(len(GENRES))))
-        genres.append("|".join(GENRES[j] for j in sorted(g)))
-
-    # Interactions per user: heavy-tailed activity, at least 5 each.
-    activity = rng.lognormal(0.0, 1.0, n_users)
-    per_user = np.maximum(5, np.round(activity / activity.sum() * n_interactions)).astype(np.int64)
-    user = np.repeat(np.arange(n_users), per_user)
-    n = len(user)
-    first = np.concatenate(([True], user[1:] != user[:-1]))
-
-    # Each user's 3 favourite topics with Dirichlet weights; a jump picks one of them, or,
-    # with probability 0.3, any topic by its overall popularity (exploration).
-    topic_pop = rng.dirichlet(np.full(n_topics, 0.5))
-    favourites = rng.choice(n_topics, size=(n_users, 3), p=topic_pop)
-    fav_weights = rng.dirichlet(np.ones(3), n_users)
-    jump = first | (rng.random(n) > 0.75)
-    u = rng.random(n)
-    choice = (u[:, None] > np.cumsum(fav_weights[user], axis=1)).sum(axis=1).clip(0, 2)
-    jump_topic = favourites[user, choice]
-    explore = rng.random(n) < 0.3
-    jump_topic[explore] = rng.choice(n_topics, size=int(explore.sum()), p=topic_pop)
-    last_jump = np.maximum.accumulate(np.where(jump, np.arange(n), 0))
-    topic = jump_topic[last_jump]
-
-    # Within a topic, items are drawn by popularity: one global search over per-topic CDFs.
-    by_topic = np.lexsort((np.arange(n_items), item_topic))
-    sorted_topic = item_topic[by_topic]
-    w = item_weight[by_topic]
-    topic_total = np.bincount(sorted_topic, weights=w, minlength=n_topics)
-    within = np.cumsum(w) - np.concatenate(([0], np.cumsum(topic_total)))[sorted_topic]
-    cdf = sorted_topic + within / np.maximum(topic_total[sorted_topic], 1e-12)
-    draw = topic + rng.random(n) * 0.999999
-    item = by_topic[np.minimum(np.searchsorted(cdf, draw), n_items - 1)]
-    empty_topic = topic_total[topic] == 0
-    item[empty_topic] = rng.integers(0, n_items, int(empty_topic.sum()))
-
-    start = rng.integers(1_500_000_000, 1_600_000_000, n_users)
-    gaps = rng.exponential(3600 * 24, n).astype(np.int64) + 1
-    gaps[first] = 0
-    ts = start[user] + np.cumsum(gaps) - np.repeat(np.cumsum(gaps)[first], per_user)
-    rating = np.clip(np.round(rng.normal(3.6, 0.9, n) * 2) / 2, 0.5, 5.0).astype(np.float32)
-
-    frame = pd.DataFrame(
-        {
-            "user_id": pd.Series(user).map("u{}".format),
-            "item_id": pd.Series(item).map("i{}".format),
-            "ts": ts,
-            "rating": rating,
-        }
-    ).drop_duplicates(["user_id", "item_id"], keep="first")
-    items = pd.DataFrame(
-        {
-            "item_id": [f"i{i}" for i in range(n_items)],
-            "title": [f"Item {i} ({int(y)})" for i, y in enumerate(years)],
-            "genres": genres,
-            "year": years,
-        }
-    )
+    catalog = _synthetic_catalog(rng, n_items, n_topics)
+    frame = _synthetic_users(rng, catalog, 0, n_users, n_interactions)
     params = {"n_users": n_users, "n_items": n_items, "n_interactions": n_interactions,
               "n_topics": n_topics, "seed": seed}  # fmt: skip
-    return _finish("synthetic", frame, items, "synthetic", params)
+    return _finish("synthetic", frame, catalog.items_frame(), "synthetic", params)
+
+
+def synthetic_partitions(
+    n_users: int, n_items: int, n_interactions: int, n_partitions: int, n_topics: int = 40, seed: int = 7
+) -> tuple[pd.DataFrame, Iterator[pd.DataFrame]]:
+    """The same world at any size, one block of users at a time: (items, partitions). Each
+    partition holds its own users' whole timelines and is generated only when asked for, so
+    memory is bounded by one partition, not by the total."""
+    if min(n_users, n_items, n_interactions, n_topics, n_partitions) <= 0 or n_partitions > n_users:
+        raise DataError("synthetic: sizes must be > 0 and n_partitions <= n_users")
+    rng = np.random.default_rng(seed)
+    catalog = _synthetic_catalog(rng, n_items, n_topics)
+    topic_pop = rng.dirichlet(np.full(n_topics, 0.5))
+    bounds = np.linspace(0, n_users, n_partitions + 1).astype(np.int64)
+
+    def parts() -> Iterator[pd.DataFrame]:
+        for p in range(n_partitions):
+            block = int(bounds[p + 1] - bounds[p])
+            part_rng = np.random.default_rng([seed, p])
+            yield _synthetic_users(part_rng, catalog, int(bounds[p]), block,
+                                   round(n_interactions * block / n_users), topic_pop)  # fmt: skip
+
+    return catalog.items_frame(), parts()
+
+
+def write_synthetic(out: Path, n_users: int, n_items: int, n_interactions: int, n_partitions: int,
+                    seed: int = 7) -> tuple[Path, Path]:  # fmt: skip
+    """Write a partitioned synthetic data set: out/interactions/part-NNNNN.parquet and
+    out/items.parquet. Returns (interactions folder, items file)."""
+    items, parts = synthetic_partitions(n_users, n_items, n_interactions, n_partitions, seed=seed)
+    folder = out / "interactions"
+    folder.mkdir(parents=True, exist_ok=True)
+    for p, part in enumerate(parts):
+        part.to_parquet(folder / f"part-{p:05d}.parquet", index=False)
+    items.drop(columns=["year"]).to_parquet(out / "items.parquet", index=False)
+    return folder, out / "items.parquet"
 
 
 # -- files -------------------------------------------------------------------------------
 
 
 def _read_table(path: Path) -> pd.DataFrame:
+    if path.is_dir():  # a partitioned Parquet data set (e.g. from `write_synthetic`)
+        if not any(path.glob("*.parquet")):
+            raise DataError(f"{path}: a folder without .parquet files")
+        try:
+            return pd.read_parquet(path)
+        except (ValueError, OSError) as err:
+            raise DataError(f"{path}: cannot be read as a Parquet data set: {err}") from err
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     suffix = path.suffix.lower()

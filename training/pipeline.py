@@ -31,6 +31,7 @@ from models.schema import FEATURE_NAMES, ITEM_FEATURES, N_FEATURES, SCHEMA_HASH,
 from models.settings import DEFAULT_MODEL_NAME
 from models.store import open_version, predict_scores, save_version
 from models.tables import ServingTables, build_tables
+from training.dask_engine import DaskEngine
 from training.datasets import DataError, Dataset
 from training.report import write_report
 from training.split import SplitConfig, Window, window
@@ -128,53 +129,70 @@ def _label_items(win: Window, j: int) -> np.ndarray:
     return win.label_items[win.label_indptr[j] : win.label_indptr[j + 1]]
 
 
-def collect_groups(
-    tables: ServingTables, win: Window, params: CandidateParams, eval_users: np.ndarray,
-    train: Groups, valid: Groups, qid_base: int, shuffle: np.random.Generator | None = None,
-) -> int:
-    """Add each labelled user's candidates of this window, with 0/1 labels, to train or valid.
+def labelled_groups(
+    tables: ServingTables, win: Window, params: CandidateParams, rows: np.ndarray,
+    shuffle: np.random.Generator | None = None,
+) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
+    """(j, user, features, 0/1 labels) for the labelled users `win.label_users[rows]`.
     Users none of whose label items are among their candidates teach nothing and are skipped."""
-    added = 0
-    for j, user in enumerate(tqdm(win.label_users, desc=f"window {win.index}", leave=False, disable=None)):
-        items, cooc = generate_candidates(tables, int(user), params)
+    for j in tqdm(rows.tolist(), desc=f"window {win.index}", leave=False, disable=None):
+        user = int(win.label_users[j])
+        items, cooc = generate_candidates(tables, user, params)
         y = np.isin(items, _label_items(win, j)).astype(np.float32)
         if not y.any():
             continue
         if shuffle is not None:
             y = shuffle.permutation(y)
-        target = valid if eval_users[user] else train
-        target.add(build_features(tables, int(user), items, cooc), y, qid_base + j)
+        yield j, user, build_features(tables, user, items, cooc), y
+
+
+def collect_groups(
+    tables: ServingTables, win: Window, params: CandidateParams, eval_users: np.ndarray,
+    train: Groups, valid: Groups, qid_base: int, shuffle: np.random.Generator | None = None,
+) -> int:
+    """Add each labelled user's candidates of this window, with 0/1 labels, to train or valid."""
+    added = 0
+    for j, user, x, y in labelled_groups(tables, win, params, np.arange(len(win.label_users)), shuffle):
+        (valid if eval_users[user] else train).add(x, y, qid_base + j)
         added += 1
     return added
+
+
+def ranker_kwargs(config: TrainConfig) -> dict[str, Any]:
+    """XGBRanker parameters, shared by the in-process and the Dask engine."""
+    p = config.ranker
+    return {
+        "objective": p.objective,
+        "n_estimators": p.n_estimators,
+        "learning_rate": p.learning_rate,
+        "max_depth": p.max_depth,
+        "min_child_weight": p.min_child_weight,
+        "subsample": p.subsample,
+        "colsample_bytree": p.colsample_bytree,
+        "reg_lambda": p.reg_lambda,
+        "lambdarank_pair_method": p.lambdarank_pair_method,
+        "lambdarank_num_pair_per_sample": p.lambdarank_num_pair_per_sample,
+        "early_stopping_rounds": p.early_stopping_rounds,
+        "eval_metric": f"ndcg@{config.k}",
+        "tree_method": "hist",
+        "random_state": config.seed,
+    }
+
+
+def best_rounds(ranker: xgb.XGBRanker, k: int) -> tuple[xgb.Booster, list[float], int]:
+    """The booster up to the best validation round (the model we evaluate), the validation
+    NDCG curve, and the best round."""
+    curve = [float(v) for v in ranker.evals_result()["validation_0"][f"ndcg@{k}"]]
+    best = int(ranker.best_iteration)
+    return ranker.get_booster()[: best + 1], curve, best
 
 
 def fit_ranker(train: Groups, valid: Groups, config: TrainConfig) -> tuple[xgb.Booster, list[float], int]:
     x, y, qid = train.arrays()
     xv, yv, qv = valid.arrays()
-    p = config.ranker
-    ranker = xgb.XGBRanker(
-        objective=p.objective,
-        n_estimators=p.n_estimators,
-        learning_rate=p.learning_rate,
-        max_depth=p.max_depth,
-        min_child_weight=p.min_child_weight,
-        subsample=p.subsample,
-        colsample_bytree=p.colsample_bytree,
-        reg_lambda=p.reg_lambda,
-        lambdarank_pair_method=p.lambdarank_pair_method,
-        lambdarank_num_pair_per_sample=p.lambdarank_num_pair_per_sample,
-        early_stopping_rounds=p.early_stopping_rounds,
-        eval_metric=f"ndcg@{config.k}",
-        tree_method="hist",
-        random_state=config.seed,
-        n_jobs=config.nthread or None,
-    )
+    ranker = xgb.XGBRanker(**ranker_kwargs(config), n_jobs=config.nthread or None)
     ranker.fit(x, y, qid=qid, eval_set=[(xv, yv)], eval_qid=[qv], verbose=False)
-    curve = [float(v) for v in ranker.evals_result()["validation_0"][f"ndcg@{config.k}"]]
-    best = int(ranker.best_iteration)
-    # Keep only the rounds up to the best validation score: that is the model we evaluated.
-    booster = ranker.get_booster()[: best + 1]
-    return booster, curve, best
+    return best_rounds(ranker, config.k)
 
 
 @dataclass(frozen=True)
@@ -254,7 +272,7 @@ def evaluate_version(
 
 def train(
     dataset: Dataset, config: TrainConfig = TrainConfig(), model_name: str = DEFAULT_MODEL_NAME,
-    save: bool = True, compare_with: str | None = None,
+    save: bool = True, compare_with: str | None = None, engine: DaskEngine | None = None,
 ) -> TrainResult:
     """Train, evaluate and (if `save`) add one version to the store. With `compare_with` (a
     tag), that version is evaluated on the same fresh hold-out too, before anything is saved.
@@ -273,17 +291,25 @@ def train(
             if len(win.label_users) == 0:
                 continue
             tables = build_tables(win.history, dataset.catalog, genre_names, config.candidates)
+            if engine is not None:  # built on the workers, kept there
+                engine.add_window(tables, win, config.candidates, eval_users, qid_base=w * log_.n_users,
+                                  shuffle_seed=config.seed if config.shuffle_labels else None)  # fmt: skip
+                continue
             collect_groups(tables, win, config.candidates, eval_users, train_groups, valid_groups,
                            qid_base=w * log_.n_users, shuffle=rng if config.shuffle_labels else None)  # fmt: skip
-    if len(train_groups) < 10 or len(valid_groups) < 2:
+    if engine is None and (len(train_groups) < 10 or len(valid_groups) < 2):
         raise DataError(
             f"{dataset.name}: too few labelled users to train ({len(train_groups)} train, "
             f"{len(valid_groups)} validation groups; rule: at least 10 and 2). Give more "
             "interactions per user or more users"
         )
 
-    with stages("fit ranker"):
-        booster, curve, best_round = fit_ranker(train_groups, valid_groups, config)
+    with stages("fit ranker" if engine is None else "labelled candidates and fit ranker on Dask"):
+        if engine is None:
+            booster, curve, best_round = fit_ranker(train_groups, valid_groups, config)
+            n_train, n_valid = len(train_groups), len(valid_groups)
+        else:
+            booster, curve, best_round, n_train, n_valid = engine.fit(ranker_kwargs(config), config.k)
 
     with stages("evaluate on the test slice"):
         test = window(log_, 0, config.split)
@@ -323,8 +349,8 @@ def train(
             "n_interactions": len(log_),
             "n_users": log_.n_users,
             "n_items": dataset.catalog.n_items,
-            "train_groups": len(train_groups),
-            "validation_groups": len(valid_groups),
+            "train_groups": n_train,
+            "validation_groups": n_valid,
             "test_users": metrics["test_users"],
         },
         "params": {
@@ -335,6 +361,7 @@ def train(
             "eval_user_frac": config.eval_user_frac,
             "seed": config.seed,
             "shuffle_labels": config.shuffle_labels,
+            "engine": "local" if engine is None else f"dask ({engine.describe()})",
         },
         "metrics": metrics,
         "best_round": best_round,
