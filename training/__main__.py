@@ -110,7 +110,7 @@ def load_dataset(args: argparse.Namespace) -> Dataset:
     )
 
 
-def generate_main(argv: list[str]) -> int:
+def generate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m training generate",
         description="Write a partitioned synthetic data set (Parquet), one partition in memory at a time.",
@@ -121,7 +121,11 @@ def generate_main(argv: list[str]) -> int:
     p.add_argument("--n-interactions", type=int, default=10_000_000, help="draws before de-duplication")
     p.add_argument("--partitions", type=int, default=20)
     p.add_argument("--seed", type=int, default=7)
-    args = p.parse_args(argv)
+    return p
+
+
+def generate_main(argv: list[str]) -> int:
+    args = generate_parser().parse_args(argv)
     try:
         folder, items = write_synthetic(args.out, args.n_users, args.n_items, args.n_interactions,
                                         args.partitions, args.seed)  # fmt: skip

@@ -20,7 +20,7 @@ import pytest
 from models.settings import RecsysSettings
 from tests.helpers import PROJECT_ROOT, ServerProcess, free_port, wait_ready
 from training import drift_report, replay
-from training.__main__ import build_parser
+from training.__main__ import build_parser, generate_parser
 from training.lifecycle import models_parser
 
 pytestmark = pytest.mark.e2e
@@ -99,6 +99,8 @@ def test_readme_training_lines_parse(line: str) -> None:
         assert args.out
     elif words[0] == "models":
         assert models_parser().parse_args(words[1:]).command
+    elif words[0] == "generate":
+        assert generate_parser().parse_args(words[1:]).out
     elif words[0] == "replay":
         assert replay.build_parser(RecsysSettings()).parse_args(words[1:]).challenger
     else:
@@ -144,3 +146,16 @@ def test_make_serve_trains_then_serves(tmp_path: Path) -> None:
         assert "NDCG@10" in printed and f"http://127.0.0.1:{port}/recommend" in printed
     finally:
         server.stop()
+
+
+def test_readme_kubernetes_lines_render_and_validate(tmp_path: Path) -> None:
+    """The README's render + validate lines, run in order in a scratch folder."""
+    lines = [line for line, _ in bash_lines(".venv/bin/python -m deploy.render")]
+    lines += [line for line, _ in bash_lines(".venv/bin/kubernetes-validate")]
+    assert len(lines) == 2
+    for line in lines:
+        command = line.replace(".venv/bin/", f"{PROJECT_ROOT}/.venv/bin/")
+        out = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})  # fmt: skip
+        assert out.returncode == 0, f"{line}\n{out.stdout}\n{out.stderr}"
+    assert "registry.example.com/recsys:v1" in (tmp_path / "recsys.yaml").read_text()
