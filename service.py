@@ -7,16 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import time
-from collections.abc import Coroutine
 from pathlib import Path
 from typing import Annotated, Any
 
-import aiohttp
 import bentoml
 import numpy as np
 from bentoml.exceptions import InvalidArgument, ServiceUnavailable
-from pydantic import Field, StrictBool, StrictInt, ValidationError
+from pydantic import Field, StrictBool, StrictInt
 
 from models.api_schema import (
     ExternalId,
@@ -27,7 +24,6 @@ from models.api_schema import (
     Routing,
     ScoreResponse,
     VersionInfo,
-    input_error,
 )
 from models.bentoml_patches import (
     cache_media_types,
@@ -39,12 +35,13 @@ from models.bentoml_patches import (
 from models.guard import RequestGuard
 from models.monitoring import DriftMonitor
 from models.rankers import RankerPool
-from models.recommender import Recommender, UnknownItemsError
+from models.recommender import Recommender
 from models.schema import FEATURE_DTYPE, FEATURE_NAMES, N_FEATURES
 from models.settings import RecsysSettings
 from models.registry import serving_plan
 from models.store import ModelCheckError, open_version, predict_scores
-from models.variants import TrafficLog, Variant, routes_to_challenger
+from models.serving import Ranking
+from models.variants import Variant
 
 settings = RecsysSettings()  # configuration only: decorators below need it at import
 cache_media_types()
@@ -54,8 +51,6 @@ cap_batch_wait(settings.max_batch_wait_ms / 1000)
 PLAN = serving_plan(settings, Path(__file__))
 # Separate scaling: with URLs, `serve` starts no ranking service; the API calls these.
 RANKER_URLS = settings.ranker_url_list()
-NO_ROWS = np.zeros((0, N_FEATURES), dtype=FEATURE_DTYPE)
-NO_SCORES = np.zeros(0, dtype=FEATURE_DTYPE)
 
 
 def freeze_startup_heap() -> None:
@@ -174,12 +169,11 @@ class ApiService:
         self.challenger: Variant | None = None
         if cls.challenger_model is not None:
             self.challenger = self._load("challenger", str(cls.challenger_model.tag), "score_challenger")
-        self.traffic = TrafficLog(settings)
+        self.ranking = Ranking(settings, self.champion, self.challenger, self._score)
         # BentoML sets up its declared dependency (the first URL); the others are set up in
         # the startup hook below, the same way.
         self._more_rankers = [bentoml.depends(RankerService, url=u).get() for u in RANKER_URLS[1:]]
         self.rankers = RankerPool([self.ranker, *self._more_rankers], RANKER_URLS or ["local"])
-        self._shadow_tasks: set[asyncio.Task[None]] = set()
         self._ranker_checked = False
 
     @staticmethod
@@ -189,26 +183,12 @@ class ApiService:
         drift = DriftMonitor(settings, version.tag, version.path, role="api")
         return Variant(role, version, recommender, drift, score_api)
 
-    @property
-    def variants(self) -> list[Variant]:
-        return [self.champion] + ([self.challenger] if self.challenger else [])
-
     @bentoml.on_startup
     async def start_drift_flusher(self) -> None:
         await asyncio.gather(*(proxy.__aenter__() for proxy in self._more_rankers))
         loop = asyncio.get_running_loop()
-        self._flushers = [loop.create_task(v.drift.flush_forever()) for v in self.variants]
+        self._flushers = [loop.create_task(v.drift.flush_forever()) for v in self.ranking.variants]
         freeze_startup_heap()
-
-    def _variant_for(self, user_id: str) -> Variant:
-        """Split mode: a stable share of users goes to the challenger."""
-        if (
-            self.challenger is not None
-            and settings.challenger_mode == "split"
-            and routes_to_challenger(user_id, settings.challenger_share, settings.routing_salt)
-        ):
-            return self.challenger
-        return self.champion
 
     async def _score(self, variant: Variant, features: np.ndarray) -> np.ndarray:
         if not self._ranker_checked:
@@ -226,76 +206,6 @@ class ApiService:
                 raise ServiceUnavailable(f"model mismatch: the ranking service {name} serves {tags}, the API {ours}")
         self._ranker_checked = True
 
-    def _shadow(self, endpoint: str, user_id: str, served: list[dict[str, Any]],
-                run: Coroutine[Any, Any, RecommendResponse | RankResponse]) -> None:  # fmt: skip
-        """Shadow mode: the challenger ranks the same request after the response is on its
-        way; its result is logged, never returned. Bounded: beyond max_in_flight, skipped."""
-        if len(self._shadow_tasks) >= settings.max_in_flight:
-            run.close()
-            assert self.challenger is not None
-            self.traffic.shadow_failed(self.challenger.tag, OverflowError("too many shadow requests"))
-            return
-        task = asyncio.get_running_loop().create_task(self._run_shadow(endpoint, user_id, served, run))
-        self._shadow_tasks.add(task)
-        task.add_done_callback(self._shadow_tasks.discard)
-
-    async def _run_shadow(self, endpoint: str, user_id: str, served: list[dict[str, Any]],
-                          run: Coroutine[Any, Any, RecommendResponse | RankResponse]) -> None:  # fmt: skip
-        assert self.challenger is not None
-        start = time.perf_counter()
-        try:
-            result = await run
-        except (ServiceUnavailable, ValidationError, aiohttp.ClientError) as err:
-            self.traffic.shadow_failed(self.challenger.tag, err)
-            return
-        self.traffic.log_shadow(
-            endpoint, user_id, (self.champion.tag, [i["item_id"] for i in served]),
-            (self.challenger.tag, [i.item_id for i in result.items]), time.perf_counter() - start,
-        )  # fmt: skip
-
-    def _served(self, endpoint: str, variant: Variant, shadow: bool, start: float,
-                request: dict[str, Any], items: list[dict[str, Any]]) -> None:  # fmt: skip
-        self.traffic.served(endpoint, "shadow" if shadow else variant.role, variant.tag, time.perf_counter() - start)
-        if not shadow:
-            self.traffic.log_request(endpoint, variant.role, variant.tag, request, [i["item_id"] for i in items])
-
-    async def _recommend(self, variant: Variant, user_id: str, k: int, exclude_seen: bool,
-                         shadow: bool = False) -> RecommendResponse:  # fmt: skip
-        start = time.perf_counter()
-        rec = variant.recommender
-        user = rec.user_index(user_id)
-        if user is None:
-            variant.drift.observe(NO_ROWS, NO_SCORES, cold=True, endpoint="recommend")
-            items = rec.describe(rec.popular(k), None)
-            reason: str | None = "unknown user: most popular items"
-        else:
-            prepared = rec.prepare_recommend(user, exclude_seen)
-            scores = await self._score(variant, prepared.features)
-            variant.drift.observe(prepared.features, scores, cold=False, endpoint="recommend")
-            items, reason = rec.ranked(prepared, scores, k), None
-        self._served("recommend", variant, shadow, start, {"user_id": user_id, "k": k, "exclude_seen": exclude_seen}, items)
-        return RecommendResponse(
-            user_id=user_id, items=items, model_tag=variant.tag, variant=variant.role,
-            fallback=user is None, fallback_reason=reason,
-        )  # fmt: skip
-
-    async def _rank(self, variant: Variant, user_id: str, item_ids: list[str], shadow: bool = False) -> RankResponse:
-        start = time.perf_counter()
-        rec = variant.recommender
-        try:
-            items = rec.item_indices(item_ids)
-        except UnknownItemsError as err:
-            raise input_error("item_ids", "unknown_item_ids", str(err)) from err
-        user = rec.user_index(user_id)
-        prepared = rec.prepare_rank(user, items)
-        scores = await self._score(variant, prepared.features)
-        variant.drift.observe(prepared.features, scores, cold=user is None, endpoint="rank")
-        ranked = rec.ranked(prepared, scores, len(items))
-        self._served("rank", variant, shadow, start, {"user_id": user_id, "item_ids": item_ids}, ranked)
-        return RankResponse(
-            user_id=user_id, items=ranked, model_tag=variant.tag, variant=variant.role, cold_start=user is None,
-        )  # fmt: skip
-
     @bentoml.api
     @documented_limits
     async def recommend(
@@ -306,12 +216,7 @@ class ApiService:
     ) -> RecommendResponse:
         """Top-k items for a user; unknown users get the most popular items (a fallback).
         `model_tag` and `variant` name the version that ranked them."""
-        variant = self._variant_for(user_id)
-        response = await self._recommend(variant, user_id, k, exclude_seen)
-        if self.challenger is not None and settings.challenger_mode == "shadow":
-            served = [i.model_dump() for i in response.items]
-            self._shadow("recommend", user_id, served, self._recommend(self.challenger, user_id, k, exclude_seen, shadow=True))
-        return response
+        return await self.ranking.recommend(user_id, k, exclude_seen)
 
     @bentoml.api
     @documented_limits
@@ -322,11 +227,7 @@ class ApiService:
     ) -> RankResponse:
         """The given items ordered by the ranker's score for this user. Unknown item ids are
         a 400 naming them; an unknown user is ranked without history (cold_start)."""
-        response = await self._rank(self._variant_for(user_id), user_id, item_ids)
-        if self.challenger is not None and settings.challenger_mode == "shadow":
-            served = [i.model_dump() for i in response.items]
-            self._shadow("rank", user_id, served, self._rank(self.challenger, user_id, item_ids, shadow=True))
-        return response
+        return await self.ranking.rank(user_id, item_ids)
 
     @bentoml.api
     @documented_limits
@@ -356,12 +257,11 @@ class ApiService:
     def model_info(self) -> ModelResponse:
         """The served versions: tag, creation time, metrics, dataset and schema of the
         champion (and of the challenger, if loaded), and how users are routed."""
-        infos = [VersionInfo.of(v.tag, v.version.creation_time, v.version.metadata) for v in self.variants]
+        infos = [VersionInfo.of(v.tag, v.version.creation_time, v.version.metadata) for v in self.ranking.variants]
         return ModelResponse(
             **infos[0].model_dump(),
             challenger=infos[1] if len(infos) > 1 else None,
-            routing=Routing(mode=settings.challenger_mode if self.challenger else "off",
-                            challenger_share=settings.challenger_share),
+            routing=Routing(mode=self.ranking.mode, challenger_share=settings.challenger_share),
         )  # fmt: skip
 
 

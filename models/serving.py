@@ -1,0 +1,136 @@
+"""What the API service does per request, without BentoML: pick the version (champion or,
+by user hash, challenger), rank with its tables and the ranking service, count the drift,
+record what was served, and in shadow mode let the challenger rank the same request off
+the response path. service.py gives it a `score` function that calls the ranking service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+import aiohttp
+import numpy as np
+from bentoml.exceptions import ServiceUnavailable
+from pydantic import ValidationError
+
+from models.api_schema import RankResponse, RecommendResponse, input_error
+from models.recommender import UnknownItemsError
+from models.schema import FEATURE_DTYPE, N_FEATURES
+from models.settings import RecsysSettings
+from models.variants import TrafficLog, Variant, routes_to_challenger
+
+ScoreFn = Callable[[Variant, np.ndarray], Awaitable[np.ndarray]]
+NO_ROWS = np.zeros((0, N_FEATURES), dtype=FEATURE_DTYPE)
+NO_SCORES = np.zeros(0, dtype=FEATURE_DTYPE)
+Ranked = RecommendResponse | RankResponse
+
+
+class Ranking:
+    """One per API worker."""
+
+    def __init__(self, settings: RecsysSettings, champion: Variant, challenger: Variant | None,
+                 score: ScoreFn) -> None:  # fmt: skip
+        self.settings = settings
+        self.champion = champion
+        self.challenger = challenger
+        self.score = score
+        self.traffic = TrafficLog(settings)
+        self._shadow_tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def variants(self) -> list[Variant]:
+        return [self.champion] + ([self.challenger] if self.challenger else [])
+
+    @property
+    def mode(self) -> str:
+        return self.settings.challenger_mode if self.challenger else "off"
+
+    def variant_for(self, user_id: str) -> Variant:
+        """Split mode: a stable share of users goes to the challenger."""
+        s = self.settings
+        if self.challenger is not None and self.mode == "split" and routes_to_challenger(user_id, s.challenger_share, s.routing_salt):
+            return self.challenger
+        return self.champion
+
+    async def recommend(self, user_id: str, k: int, exclude_seen: bool) -> RecommendResponse:
+        response = await self._recommend(self.variant_for(user_id), user_id, k, exclude_seen)
+        if self.challenger is not None and self.mode == "shadow":
+            self._shadow("recommend", user_id, response, self._recommend(self.challenger, user_id, k, exclude_seen, shadow=True))
+        return response
+
+    async def rank(self, user_id: str, item_ids: list[str]) -> RankResponse:
+        response = await self._rank(self.variant_for(user_id), user_id, item_ids)
+        if self.challenger is not None and self.mode == "shadow":
+            self._shadow("rank", user_id, response, self._rank(self.challenger, user_id, item_ids, shadow=True))
+        return response
+
+    async def _recommend(self, variant: Variant, user_id: str, k: int, exclude_seen: bool,
+                         shadow: bool = False) -> RecommendResponse:  # fmt: skip
+        start = time.perf_counter()
+        rec = variant.recommender
+        user = rec.user_index(user_id)
+        if user is None:
+            variant.drift.observe(NO_ROWS, NO_SCORES, cold=True, endpoint="recommend")
+            items = rec.describe(rec.popular(k), None)
+            reason: str | None = "unknown user: most popular items"
+        else:
+            prepared = rec.prepare_recommend(user, exclude_seen)
+            scores = await self.score(variant, prepared.features)
+            variant.drift.observe(prepared.features, scores, cold=False, endpoint="recommend")
+            items, reason = rec.ranked(prepared, scores, k), None
+        self._served("recommend", variant, shadow, start, {"user_id": user_id, "k": k, "exclude_seen": exclude_seen}, items)
+        return RecommendResponse(
+            user_id=user_id, items=items, model_tag=variant.tag, variant=variant.role,
+            fallback=user is None, fallback_reason=reason,
+        )  # fmt: skip
+
+    async def _rank(self, variant: Variant, user_id: str, item_ids: list[str], shadow: bool = False) -> RankResponse:
+        start = time.perf_counter()
+        rec = variant.recommender
+        try:
+            items = rec.item_indices(item_ids)
+        except UnknownItemsError as err:
+            raise input_error("item_ids", "unknown_item_ids", str(err)) from err
+        user = rec.user_index(user_id)
+        prepared = rec.prepare_rank(user, items)
+        scores = await self.score(variant, prepared.features)
+        variant.drift.observe(prepared.features, scores, cold=user is None, endpoint="rank")
+        ranked = rec.ranked(prepared, scores, len(items))
+        self._served("rank", variant, shadow, start, {"user_id": user_id, "item_ids": item_ids}, ranked)
+        return RankResponse(
+            user_id=user_id, items=ranked, model_tag=variant.tag, variant=variant.role, cold_start=user is None,
+        )  # fmt: skip
+
+    def _served(self, endpoint: str, variant: Variant, shadow: bool, start: float,
+                request: dict[str, Any], items: list[dict[str, Any]]) -> None:  # fmt: skip
+        self.traffic.served(endpoint, "shadow" if shadow else variant.role, variant.tag, time.perf_counter() - start)
+        if not shadow:
+            self.traffic.log_request(endpoint, variant.role, variant.tag, request, [i["item_id"] for i in items])
+
+    def _shadow(self, endpoint: str, user_id: str, served: Ranked, run: Coroutine[Any, Any, Ranked]) -> None:
+        """The challenger ranks the same request after the response is on its way; its
+        result is logged, never returned. Bounded: beyond max_in_flight, skipped (counted)."""
+        assert self.challenger is not None
+        if len(self._shadow_tasks) >= self.settings.max_in_flight:
+            run.close()
+            self.traffic.shadow_failed(self.challenger.tag, OverflowError("too many shadow requests"))
+            return
+        items = [i.item_id for i in served.items]
+        task = asyncio.get_running_loop().create_task(self._run_shadow(endpoint, user_id, items, run))
+        self._shadow_tasks.add(task)
+        task.add_done_callback(self._shadow_tasks.discard)
+
+    async def _run_shadow(self, endpoint: str, user_id: str, served: list[str],
+                          run: Coroutine[Any, Any, Ranked]) -> None:  # fmt: skip
+        assert self.challenger is not None
+        start = time.perf_counter()
+        try:
+            result = await run
+        except (ServiceUnavailable, ValidationError, aiohttp.ClientError) as err:
+            self.traffic.shadow_failed(self.challenger.tag, err)
+            return
+        self.traffic.log_shadow(endpoint, user_id, (self.champion.tag, served),
+                                (self.challenger.tag, [i.item_id for i in result.items]), time.perf_counter() - start)  # fmt: skip
