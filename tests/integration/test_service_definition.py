@@ -46,14 +46,25 @@ def test_batching_workers_and_resources_come_from_settings(
     monkeypatch.setenv("RECSYS_MAX_LATENCY_MS", "55")
     monkeypatch.setenv("RECSYS_RANKER_WORKERS", "2")
     monkeypatch.setenv("RECSYS_RANKER_CPU", "2")
+    monkeypatch.setenv("RECSYS_RANKER_MEMORY", "3Gi")
     monkeypatch.setenv("RECSYS_API_WORKERS", "3")
+    monkeypatch.setenv("RECSYS_API_CPU", "4")
     svc = importlib.reload(service_module)
     api = svc.RankerService.apis["score"]
     assert (api.max_batch_size, api.max_latency_ms) == (777, 55)
     assert svc.RankerService.config["workers"] == 2
-    assert svc.RankerService.config["resources"] == {"cpu": "2"}
+    assert svc.RankerService.config["resources"] == {"cpu": "2", "memory": "3Gi"}
     assert svc.ApiService.config["workers"] == 3
+    assert svc.ApiService.config["resources"] == {"cpu": "4", "memory": "1Gi"}
     assert svc.ApiService.dependencies["ranker"].on is svc.RankerService
+    assert svc.ApiService.dependencies["ranker"].url is None  # a local ranking service
+
+
+def test_ranker_urls_make_the_dependency_remote(service_module: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RECSYS_RANKER_URLS", "http://10.0.0.1:3000/, http://10.0.0.2:3000")
+    svc = importlib.reload(service_module)
+    assert svc.RANKER_URLS == ["http://10.0.0.1:3000", "http://10.0.0.2:3000"]
+    assert svc.ApiService.dependencies["ranker"].url == "http://10.0.0.1:3000"
 
 
 def test_batching_can_be_switched_off(service_module: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
