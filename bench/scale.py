@@ -25,7 +25,7 @@ import psutil
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROJECT = Path(__file__).resolve().parents[1]
-USERS_PER_INTERACTION = 1 / 100  # 100 draws per user on average
+USERS_PER_INTERACTION = 1 / 200  # 200 draws per user on average
 ITEMS = {1_000_000: 5_000, 10_000_000: 20_000}
 
 

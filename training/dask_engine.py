@@ -1,8 +1,9 @@
 """Training on a Dask cluster: `python -m training --engine dask [--scheduler ADDRESS]`.
 
-The labelled candidate groups are built in partitioned pandas on the workers (one task per
-block of users, the window's tables broadcast once), kept there as a dask DataFrame, and the
-ranker is fitted with `xgboost.dask.DaskXGBRanker` over the workers. Only the fitted booster
+The labelled candidate groups are built on the workers, partitioned by blocks of users (one
+task per block, the window's tables broadcast once), kept there as dask arrays whose chunks
+hold whole query groups, and the ranker is fitted with `xgboost.dask.DaskXGBRanker` over the
+workers. Only the fitted booster
 comes back. Without an address a LocalCluster is started (and stopped) on this machine.
 """
 
@@ -13,7 +14,6 @@ from types import TracebackType
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import xgboost as xgb
 
 from models.params import CandidateParams
@@ -22,31 +22,36 @@ from models.tables import ServingTables
 from training.datasets import DataError
 from training.split import Window
 
-LABEL, QID, VALID = "label", "qid", "valid"
+PARTS = ("x", "y", "qid")
 
 
-def _meta() -> pd.DataFrame:
-    frame = pd.DataFrame({n: pd.Series(dtype=np.float32) for n in FEATURE_NAMES})
-    frame[LABEL] = pd.Series(dtype=np.float32)
-    frame[QID] = pd.Series(dtype=np.int64)
-    frame[VALID] = pd.Series(dtype=bool)
-    return frame
-
-
-def group_frame(tables: ServingTables, win: Window, params: CandidateParams, rows: np.ndarray,
-                eval_users: np.ndarray, qid_base: int, shuffle_seed: int | None) -> pd.DataFrame:  # fmt: skip
-    """One partition: the labelled groups of the users `win.label_users[rows]`, qid-sorted."""
-    from training.pipeline import labelled_groups
+def group_arrays(tables: ServingTables, win: Window, params: CandidateParams, rows: np.ndarray,
+                 eval_users: np.ndarray, qid_base: int, shuffle_seed: int | None) -> dict[str, dict[str, np.ndarray]]:  # fmt: skip
+    """One block of users: their labelled groups as numpy arrays (qid ascending, no group
+    split), for training and for validation. numpy, not pandas: pickling pandas between
+    workers was the slowest part of a run (minutes at 1M interactions)."""
+    from training.pipeline import Groups, labelled_groups
 
     shuffle = np.random.default_rng(shuffle_seed) if shuffle_seed is not None else None
-    frames = []
+    train, valid = Groups(), Groups()
     for j, user, x, y in labelled_groups(tables, win, params, rows, shuffle):
-        frame = pd.DataFrame(x, columns=list(FEATURE_NAMES))
-        frame[LABEL] = y
-        frame[QID] = np.int64(qid_base + j)
-        frame[VALID] = bool(eval_users[user])
-        frames.append(frame)
-    return pd.concat(frames, ignore_index=True) if frames else _meta()
+        (valid if eval_users[user] else train).add(x, y, qid_base + j)
+    out = {}
+    for name, groups in (("train", train), ("valid", valid)):
+        if len(groups):
+            x, y, qid = groups.arrays()
+        else:
+            x, y, qid = np.zeros((0, len(FEATURE_NAMES)), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64)
+        out[name] = {"x": x, "y": y, "qid": qid}
+    return out
+
+
+def _part(result: dict[str, dict[str, np.ndarray]], split: str, name: str) -> np.ndarray:
+    return result[split][name]
+
+
+def _sizes(result: dict[str, dict[str, np.ndarray]]) -> dict[str, tuple[int, int]]:
+    return {split: (len(v["y"]), len(np.unique(v["qid"]))) for split, v in result.items()}
 
 
 class DaskEngine:
@@ -70,7 +75,7 @@ class DaskEngine:
         else:
             self._cluster = LocalCluster(
                 n_workers=self.n_workers, threads_per_worker=self.threads_per_worker,
-                processes=True, dashboard_address=None,
+                processes=True, dashboard_address=":0",  # any free port: never a clash
             )  # fmt: skip
             self.client = Client(self._cluster)
         return self
@@ -95,31 +100,46 @@ class DaskEngine:
         for c, rows in enumerate(np.array_split(np.arange(n), math.ceil(n / self.users_per_task))):
             seed = None if shuffle_seed is None else shuffle_seed * 1_000_003 + qid_base + c
             self._parts.append(self.client.submit(
-                group_frame, shared[0], shared[1], params, rows, shared[2], qid_base, seed, pure=False,
+                group_arrays, shared[0], shared[1], params, rows, shared[2], qid_base, seed, pure=False,
             ))  # fmt: skip
 
     def fit(self, ranker_kwargs: dict[str, Any], k: int) -> tuple[xgb.Booster, list[float], int, int, int]:
         """(booster up to the best round, validation curve, best round, train groups,
         validation groups)."""
-        import dask.dataframe as dd
+        import dask.array as da
         from xgboost import dask as dxgb
 
         from training.pipeline import best_rounds
 
-        groups = dd.from_delayed(self._parts, meta=_meta(), verify_meta=False).persist()
-        train, valid = groups[~groups[VALID]], groups[groups[VALID]]
-        n_train, n_valid = (int(x) for x in self.client.compute([train[QID].nunique(), valid[QID].nunique()], sync=True))
-        if n_train < 10 or n_valid < 2:
-            raise DataError(f"too few labelled users to train ({n_train} train, {n_valid} validation groups; "
-                            "rule: at least 10 and 2)")  # fmt: skip
-        features = list(FEATURE_NAMES)
-        ranker = dxgb.DaskXGBRanker(**ranker_kwargs, n_jobs=self.threads_per_worker)
+        sizes = self.client.gather([self.client.submit(_sizes, f) for f in self._parts])
+        data: dict[str, dict[str, Any]] = {}
+        groups: dict[str, int] = {}
+        for split in ("train", "valid"):
+            keep = [(f, s[split][0]) for f, s in zip(self._parts, sizes) if s[split][0] > 0]
+            groups[split] = sum(s[split][1] for s in sizes)
+            if not keep:
+                continue
+            data[split] = {
+                name: da.concatenate([
+                    da.from_delayed(self.client.submit(_part, f, split, name, pure=False),
+                                    shape=(n, len(FEATURE_NAMES)) if name == "x" else (n,),
+                                    dtype=np.float32 if name != "qid" else np.int64)
+                    for f, n in keep
+                ])
+                for name in PARTS
+            }  # fmt: skip
+        if groups["train"] < 10 or groups["valid"] < 2:
+            raise DataError(f"too few labelled users to train ({groups['train']} train, {groups['valid']} "
+                            "validation groups; rule: at least 10 and 2)")  # fmt: skip
+        train, valid = data["train"], data["valid"]
+        # Each block holds whole groups in qid order, so no group is split across partitions.
+        ranker = dxgb.DaskXGBRanker(**ranker_kwargs, n_jobs=self.threads_per_worker, allow_group_split=True)
         ranker.client = self.client
-        ranker.fit(train[features], train[LABEL], qid=train[QID],
-                   eval_set=[(valid[features], valid[LABEL])], eval_qid=[valid[QID]])  # fmt: skip
+        ranker.fit(train["x"], train["y"], qid=train["qid"],
+                   eval_set=[(valid["x"], valid["y"])], eval_qid=[valid["qid"]])  # fmt: skip
         booster, curve, best = best_rounds(ranker, k)
         # Fitted on a DataFrame, the booster knows column names; serving passes numpy rows
         # in schema order, exactly like the in-process engine's booster.
         booster.feature_names = None
         booster.feature_types = None
-        return booster, curve, best, n_train, n_valid
+        return booster, curve, best, groups["train"], groups["valid"]
