@@ -37,7 +37,8 @@ if ! buildah inspect --type image "$BASE" >/dev/null 2>&1; then
   # apt inside the build) picks it up, so that it survives.
   cp "$HOST_CA" "$rootfs/etc/ssl/certs/ca-certificates.crt"
   cp "$HOST_CA" "$rootfs/usr/local/share/ca-certificates/host-bundle.crt"
-  cp "$BIN/uv" "$rootfs/usr/local/bin/uv"
+  # uv (BentoML's installer); without it the Dockerfile pip-installs a pinned one.
+  if [ -x "$BIN/uv" ]; then cp "$BIN/uv" "$rootfs/usr/local/bin/uv"; fi
   ln -sf python3 "$rootfs/usr/bin/python"
   rm -rf "$rootfs/var/cache/apt/archives/"*.deb "$rootfs/var/lib/apt/lists/"*
   ctr=$(buildah from scratch)
