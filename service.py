@@ -6,6 +6,7 @@ public API: candidates, features, ranking, fallbacks). `bentoml serve service:Ap
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 from pathlib import Path
 from typing import Annotated, Any
@@ -71,6 +72,16 @@ def documented_limits(func: Any) -> Any:
     return func
 
 
+# The adaptive-batching limits of every scoring API, from settings (rows, not requests).
+batched_api = functools.partial(
+    bentoml.api,
+    batchable=settings.batching,
+    batch_dim=0,
+    max_batch_size=settings.max_batch_size,
+    max_latency_ms=settings.max_latency_ms,
+)
+
+
 def _model(tag: str | None) -> bentoml.models.BentoModel | None:
     return bentoml.models.BentoModel(tag) if tag else None
 
@@ -114,22 +125,12 @@ class RankerService:
 
     # numpy, not DataFrame: BentoML 1.4's batchable DataFrame inputs are broken
     # (get_batch_size returns a shape tuple); see ../shared/NOTES.md.
-    @bentoml.api(
-        batchable=settings.batching,
-        batch_dim=0,
-        max_batch_size=settings.max_batch_size,
-        max_latency_ms=settings.max_latency_ms,
-    )
+    @batched_api()
     def score(self, features: np.ndarray) -> np.ndarray:
         return predict_scores(self.booster, _check_features(features))
 
     # Its own batch queue: a batch is scored by one booster.
-    @bentoml.api(
-        batchable=settings.batching,
-        batch_dim=0,
-        max_batch_size=settings.max_batch_size,
-        max_latency_ms=settings.max_latency_ms,
-    )
+    @batched_api()
     def score_challenger(self, features: np.ndarray) -> np.ndarray:
         if self.challenger_booster is None:
             raise ServiceUnavailable("no challenger loaded (RECSYS_CHALLENGER_MODE is off)")

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import os
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,3 +98,17 @@ class DriftMonitor:
         self._psi.labels(feature="__score__", model_version=self.model_tag).set(report["score"]["psi"])
         window = {"rows": s.drift_window_rows} if s.drift_window_rows else {"seconds": s.drift_window_s}
         return {"model_version": self.model_tag, "window": window, "workers": workers, **report}
+
+
+def logged_records(logs: Path, name: str, model_tag: str, hint: str = "") -> Iterator[dict[str, Any]]:
+    """The records that `bentoml.monitor(name)` wrote under `logs` (its log_path) for
+    `model_tag`, every worker's files, oldest first. FileNotFoundError if there are none."""
+    files = sorted((logs / name / "data").glob("data.*.log*"))
+    if not files:
+        raise FileNotFoundError(f"{logs}: no {name}/data/data.*.log files (is RECSYS_MONITOR_DIR right?{hint})")
+    for path in files:
+        for line in path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                if record.get("model_version") == model_tag:
+                    yield record

@@ -11,17 +11,16 @@ import argparse
 import base64
 import html
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from models.drift import ReferenceProfile, frequencies, ks_binned, psi, status
-from models.monitoring import MONITOR_NAME
+from models.monitoring import MONITOR_NAME, logged_records
+from models.registry import resolve_alias
 from models.schema import FEATURE_NAMES, N_FEATURES
 from models.settings import RecsysSettings
-from models.registry import resolve_alias
 from models.store import open_version
 
 
@@ -38,20 +37,11 @@ def read_logs(logs: Path, model_tag: str) -> LoggedTraffic:
     rows: list[list[float]] = []
     scores: list[float] = []
     requests = cold = 0
-    files = sorted((logs / MONITOR_NAME / "data").glob("data.*.log*"))
-    if not files:
-        raise FileNotFoundError(f"{logs}: no {MONITOR_NAME}/data/data.*.log files (is RECSYS_MONITOR_DIR right?)")
-    for path in files:
-        for line in path.read_text().splitlines():
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            if record.get("model_version") != model_tag:
-                continue
-            requests += 1
-            cold += bool(record.get("cold_start"))
-            rows.extend(record.get("features") or [])
-            scores.extend(record.get("scores") or [])
+    for record in logged_records(logs, MONITOR_NAME, model_tag):
+        requests += 1
+        cold += bool(record.get("cold_start"))
+        rows.extend(record.get("features") or [])
+        scores.extend(record.get("scores") or [])
     matrix = np.asarray(rows, dtype=np.float32).reshape(-1, N_FEATURES)
     return LoggedTraffic(matrix, np.asarray(scores, dtype=np.float32), requests, cold)
 

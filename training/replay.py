@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from models.monitoring import logged_records
 from models.recommender import LocalRanker, Recommender, UnknownItemsError
 from models.settings import RecsysSettings
 from models.store import open_version
@@ -36,21 +37,11 @@ class LoggedRequest:
 
 def read_requests(logs: Path, model_tag: str, limit: int | None = None) -> list[LoggedRequest]:
     """The logged requests that `model_tag` answered, oldest file first."""
-    files = sorted((logs / REQUEST_LOG / "data").glob("data.*.log*"))
-    if not files:
-        raise FileNotFoundError(f"{logs}: no {REQUEST_LOG}/data/data.*.log files (is RECSYS_MONITOR_DIR right, "
-                                "and RECSYS_REQUEST_LOG_SAMPLE above 0?)")  # fmt: skip
     out: list[LoggedRequest] = []
-    for path in files:
-        for line in path.read_text().splitlines():
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            if record.get("model_version") != model_tag:
-                continue
-            out.append(LoggedRequest(record["endpoint"], record["request"], list(record["items"])))
-            if limit is not None and len(out) >= limit:
-                return out
+    for record in logged_records(logs, REQUEST_LOG, model_tag, hint=" and RECSYS_REQUEST_LOG_SAMPLE above 0"):
+        out.append(LoggedRequest(record["endpoint"], record["request"], list(record["items"])))
+        if limit is not None and len(out) >= limit:
+            break
     return out
 
 

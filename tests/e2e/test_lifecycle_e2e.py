@@ -57,8 +57,9 @@ def split_traffic(stages: dict[str, str], bentoml_home: Path, tmp_path_factory: 
             first = {u: client.recommend(user_id=u, k=10) for u in USERS}
             again = {u: client.recommend(user_id=u, k=10)["variant"] for u in USERS[:200]}
             info = client.model_info()
+            drift = client.drift_status()
         metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
-        yield {"first": first, "again": again, "info": info, "metrics": metrics, "monitor": monitor}
+        yield {"first": first, "again": again, "info": info, "drift": drift, "metrics": metrics, "monitor": monitor}
     finally:
         server.stop()
 
@@ -78,6 +79,9 @@ def test_model_info_and_metrics_name_both_versions(split_traffic: dict[str, Any]
     info = split_traffic["info"]
     assert info["tag"] == stages["champion"] and info["challenger"]["tag"] == stages["challenger"]
     assert info["routing"] == {"mode": "split", "challenger_share": SHARE}
+    drift = split_traffic["drift"]  # each version against its own reference profile
+    assert drift["model_version"] == stages["champion"]
+    assert drift["challenger"]["model_version"] == stages["challenger"]
     counts = {v: sum(r["variant"] == v for r in split_traffic["first"].values()) + sum(
         x == v for x in split_traffic["again"].values()) for v in ("champion", "challenger")}  # fmt: skip
     for variant, tag in stages.items():

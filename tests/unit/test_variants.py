@@ -3,6 +3,12 @@ retraining gate: pure functions, no store and no server."""
 
 from __future__ import annotations
 
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -28,11 +34,14 @@ def test_a_user_is_always_routed_the_same_way_and_the_salt_redraws() -> None:
     assert all(b for a, b in zip((routes_to_challenger(u, 0.1, "recsys") for u in USERS), first) if a)
 
 
-def test_user_bucket_is_a_fixed_known_value() -> None:
-    # Stable across processes and releases: blake2b, not Python's per-process salted hash().
-    assert user_bucket("u1", "recsys") == user_bucket("u1", "recsys")
-    assert 0.0 <= user_bucket("u1", "recsys") < 1.0
-    assert user_bucket("u1", "recsys") != user_bucket("u2", "recsys")
+@pytest.mark.parametrize("hash_seed", ["1", "2"])
+def test_user_bucket_is_the_same_in_every_process(hash_seed: str) -> None:
+    """Workers and restarts must agree: another interpreter, with another str-hash salt,
+    puts users in the same buckets (Python's hash() would not)."""
+    code = "from models.variants import user_bucket; print(repr([user_bucket(f'u{i}', 'recsys') for i in range(50)]))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONHASHSEED": hash_seed}, cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+    assert ast.literal_eval(out.stdout) == [user_bucket(f"u{i}", "recsys") for i in range(50)]
 
 
 @pytest.mark.parametrize(
