@@ -32,6 +32,7 @@ from models.bentoml_patches import (
     delay_sigterm,
     patch_openapi,
     separate_monitor_logs,
+    skip_unexported_tracing,
 )
 from models.guard import RequestGuard
 from models.monitoring import DriftMonitor
@@ -47,6 +48,7 @@ from models.variants import Variant
 settings = RecsysSettings()  # configuration only: decorators below need it at import
 cache_media_types()
 separate_monitor_logs()
+skip_unexported_tracing()
 cap_batch_wait(settings.max_batch_wait_ms / 1000)
 # Exact versions, resolved once: `bentoml build` pins what this resolves to.
 PLAN = serving_plan(settings, Path(__file__))

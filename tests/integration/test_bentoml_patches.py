@@ -84,6 +84,34 @@ def test_batcher_wait_is_capped() -> None:
     assert optimizer.o_a > 0  # the rest of the model is still learned
 
 
+@pytest.mark.parametrize("service_name", ["ApiService", "RankerService"])
+def test_tracing_middleware_only_with_an_exporter(service_name: str) -> None:
+    """BentoML's own stack has the OpenTelemetry middleware; ours drops it while no
+    exporter is configured and keeps it when one is."""
+    import service  # applies the patch
+    from _bentoml_impl.server.app import ServiceAppFactory
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
+    svc = getattr(service, service_name)
+    svc.inject_config()
+    factory = ServiceAppFactory(svc, is_main=service_name == "ApiService")
+    original = type(factory).middlewares.fget.__wrapped__
+
+    def has_tracing(stack: list[Any]) -> bool:
+        return any(m.cls is OpenTelemetryMiddleware for m in stack)
+
+    exporter = BentoMLContainer.config.tracing.exporter_type
+    assert exporter.get() is None
+    assert has_tracing(original(factory)), "BentoML no longer adds tracing unasked: drop the patch"
+    assert not has_tracing(factory.middlewares)
+    exporter.set("otlp")
+    try:
+        assert has_tracing(factory.middlewares)
+    finally:
+        exporter.set(None)
+
+
 # BentoML's own config names the deprecated `pythonjsonlogger.jsonlogger` module.
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest.mark.parametrize("patched", [True, False], ids=["patched", "bentoml-own"])
