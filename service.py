@@ -26,6 +26,7 @@ from models.api_schema import (
     ScoreResponse,
     VersionInfo,
 )
+from models.batching import JoinedCalls
 from models.bentoml_patches import (
     cache_media_types,
     cap_batch_wait,
@@ -177,6 +178,12 @@ class ApiService:
         # the startup hook below, the same way.
         self._more_rankers = [bentoml.depends(RankerService, url=u).get() for u in RANKER_URLS[1:]]
         self.rankers = RankerPool([self.ranker, *self._more_rankers], RANKER_URLS or ["local"])
+        # Concurrent scoring calls of this worker go out as one (models/batching.py).
+        self.joined = {
+            v.score_api: JoinedCalls(functools.partial(self.rankers.call, v.score_api), v.score_api,
+                                     settings.max_batch_size, settings.api_batch_in_flight)
+            for v in self.ranking.variants
+        } if settings.api_batching else {}  # fmt: skip
         self._ranker_checked = False
 
     @staticmethod
@@ -199,6 +206,8 @@ class ApiService:
         if len(features) == 0:
             return np.zeros(0, dtype=FEATURE_DTYPE)
         # An unreachable ranking service is a retryable 503 (models/rankers.py), not a 500.
+        if joined := self.joined.get(variant.score_api):
+            return await joined(features)
         return np.asarray(await self.rankers.call(variant.score_api, features))
 
     async def _check_ranker(self) -> None:

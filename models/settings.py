@@ -96,6 +96,14 @@ class RecsysSettings(BaseSettings):
     api_workers: int = Field(2, ge=1, description="Worker processes of the API service.")
     api_cpu: int = Field(1, ge=1, description="CPUs the API service declares.")
     api_memory: str = Field("1Gi", description="Memory the API service declares (two workers).")
+    api_batching: bool = Field(
+        True, description="Join the scoring calls an API worker makes while earlier ones are "
+        "out into one call to the ranking service (models/batching.py)."
+    )
+    api_batch_in_flight: int = Field(
+        2, ge=1, description="Scoring calls an API worker keeps out at once (per model) when "
+        "joining; more calls wait and go out together."
+    )
     access_log: bool = Field(False, description="BentoML's per-request access log (both services).")
     traffic_timeout_s: float = Field(30.0, gt=0, description="Request timeout of both services.")
     max_k: int = Field(100, ge=1, description="Largest k accepted by /recommend.")
