@@ -31,6 +31,7 @@ from models.bentoml_patches import (
     cache_media_types,
     cap_batch_wait,
     delay_sigterm,
+    metrics_dir_per_serve,
     patch_openapi,
     separate_monitor_logs,
     skip_unexported_tracing,
@@ -50,6 +51,7 @@ settings = RecsysSettings()  # configuration only: decorators below need it at i
 cache_media_types()
 separate_monitor_logs()
 skip_unexported_tracing()
+metrics_dir_per_serve()
 cap_batch_wait(settings.max_batch_wait_ms / 1000)
 # Exact versions, resolved once: `bentoml build` pins what this resolves to.
 PLAN = serving_plan(settings, Path(__file__))

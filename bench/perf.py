@@ -93,6 +93,10 @@ def in_process_references(tag: str, users: list[str], items: list[str], seconds:
         out[f"inplace_predict_rows_per_s_nthread{nthread}"] = calls * len(big)
     one = big[:1]
     out["inplace_predict_1row_calls_per_s"] = rate(lambda _: predict_scores(booster, one))
+    # What a worker costs before any of ours: Python, numpy and BentoML's server app.
+    floor = subprocess.run([sys.executable, "-c", "import psutil, numpy, bentoml, _bentoml_impl.server.app; "
+                            "print(psutil.Process().memory_info().rss)"], capture_output=True, text=True, check=True)  # fmt: skip
+    out["framework_floor_mb"] = int(floor.stdout.split()[-1]) / 2**20
     out["model_and_tables_mb"] = (
         version.load_tables().nbytes() + (version.path / "ranker.ubj").stat().st_size
     ) / 2**20
@@ -175,10 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", default="1,16,64")
     p.add_argument("--smoke", action="store_true", help="tiny run: checks the benchmark works")
     p.add_argument("--skip-mlserver", action="store_true")
+    p.add_argument("--drift-rounds", type=int, default=2, help="extra drift on/off pairs at top concurrency")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     if args.smoke:
-        args.duration, args.concurrency = 1.0, "1,8"
+        args.duration, args.concurrency, args.drift_rounds = 1.0, "1,8", 0
     levels = [int(c) for c in args.concurrency.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="recsys-perf-"))
@@ -210,7 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     half_saturation: dict[str, Any] = {}
     systems: list[tuple[str, dict[str, str], list[str]]] = [
         ("bentoml batching", {}, list(bodies)),
-        ("bentoml no batching", {"RECSYS_BATCHING": "false"}, list(bodies)),
+        # no batching anywhere: one ranking call per request, one model call per ranking call
+        ("bentoml no batching", {"RECSYS_BATCHING": "false", "RECSYS_API_BATCHING": "false"}, list(bodies)),
+        # BentoML's adaptive batching alone, without the API workers joining their calls
+        ("bentoml ranker batching only", {"RECSYS_API_BATCHING": "false"}, ["score1"]),
         # the cost of drift monitoring, on the real path
         ("bentoml drift off", {"RECSYS_DRIFT_ENABLED": "false"}, ["recommend"]),
     ]
@@ -233,6 +241,19 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"half saturation: {json.dumps(half_saturation)}", flush=True)
         finally:
             server.stop()
+
+    # Drift on and off again, alternating, at the top concurrency: one pair of servers run
+    # minutes apart on a shared machine differed by as much as the cost being measured.
+    for _ in range(args.drift_rounds):
+        for system, env in (("drift on", {}), ("drift off", {"RECSYS_DRIFT_ENABLED": "false"})):
+            server = start_server(["service:ApiService"], cwd=ROOT, env={"BENTOML_HOME": str(home), **env})
+            try:
+                cell = Cell(f"bentoml {system} (again)", "recommend", max(levels),
+                            measure(f"{server.url}/recommend", bodies["recommend"], max(levels), args.duration))  # fmt: skip
+                cells.append(cell)
+                print(json.dumps(cell.row()), flush=True)
+            finally:
+                server.stop()
 
     if not args.skip_mlserver:
         server = start_mlserver(tag, work)
@@ -277,16 +298,22 @@ def bars(cells: list[Cell], reference: dict[str, float], memory: dict[str, dict[
         out.append((f"/score 1-row c={top}: ≥ 1.2× MLServer", f"{on.rps:.0f} vs {peer.rps:.0f} = {ratio:.2f}×", ratio >= 1.2))
         out.append((f"/score 1-row c={top}: p99 ≤ MLServer's", f"{on.percentile(99):.0f} vs {peer.percentile(99):.0f} ms",
                     on.percentile(99) <= peer.percentile(99)))  # fmt: skip
-    drift_off = max((x.result.rps for x in cells if x.system == "bentoml drift off"), default=0)
-    if drift_off:
-        cost = 1 - best / drift_off
-        out.append(("drift monitoring costs ≤ 5% of /recommend", f"{best:.0f} vs {drift_off:.0f} req/s off = {cost:.1%}", cost <= 0.05))
+    on_runs = [x.result.rps for x in cells if x.scenario == "recommend" and x.concurrency == top
+               and x.system in ("bentoml batching", "bentoml drift on (again)")]  # fmt: skip
+    off_runs = [x.result.rps for x in cells if x.scenario == "recommend" and x.concurrency == top
+                and x.system in ("bentoml drift off", "bentoml drift off (again)")]  # fmt: skip
+    if on_runs and off_runs:
+        on_rps, off_rps = float(np.median(on_runs)), float(np.median(off_runs))
+        cost = 1 - on_rps / off_rps
+        out.append((f"drift monitoring costs ≤ 5% of /recommend (c={top}, median of {len(on_runs)} servers each)",
+                    f"{on_rps:.0f} vs {off_rps:.0f} req/s off = {cost:.1%}", cost <= 0.05))  # fmt: skip
     if half:
         out.append(("/recommend p99 ≤ 50 ms at half saturation", f"{half['p99_ms']:.1f} ms at {half['rps']:.0f} req/s", half["p99_ms"] <= 50))
-    size = reference["model_and_tables_mb"]
+    size, floor = reference["model_and_tables_mb"], reference["framework_floor_mb"]
     for system, workers in memory.items():
         worst = max(workers.values(), default=0)
-        out.append((f"{system}: worker RSS ≤ 2× model+tables", f"max {worst:.0f} MB vs 2×{size:.1f} MB", worst <= 2 * size))
+        out.append((f"{system}: worker RSS ≤ 2× model+tables",
+                    f"max {worst:.0f} MB vs 2×{size:.1f} MB (BentoML worker floor {floor:.0f} MB)", worst <= 2 * size))  # fmt: skip
     return out
 
 

@@ -23,6 +23,12 @@ largest single cost of a request: without it 1-row /score went from ~950 to ~1,7
 leaves it out unless `tracing.exporter_type` is set; BentoML's `X-BentoML-Request-ID`
 response header (a span id) goes with it.
 
+Prometheus files: every `bentoml serve` wipes `$BENTOML_HOME/prometheus_multiproc_dir` as it
+starts, also while another serve process of the same home is writing its metrics there, so
+that one's /metrics silently lost its counts (the scaling set-up runs three serve processes
+on one home; the tests run several). `metrics_dir_per_serve` gives each serve process a
+folder of its own below it, and removes those of serve processes that are gone.
+
 Monitor logs: every `bentoml.monitor` name shares two process-wide loggers, so a second
 monitor name in a worker took over the first one's records (`separate_monitor_logs`).
 
@@ -41,6 +47,8 @@ OpenAPI truthfulness (`/docs.json`):
 from __future__ import annotations
 
 import importlib
+import os
+import shutil
 import signal
 import threading
 from typing import Any
@@ -271,3 +279,33 @@ def skip_unexported_tracing() -> None:
     setattr(middlewares, _PATCHED, True)
     middlewares.__wrapped__ = original  # type: ignore[attr-defined]
     factory.middlewares = property(middlewares)
+
+
+def metrics_dir_per_serve() -> None:
+    """In a serve process (not yet in a worker, which inherits PROMETHEUS_MULTIPROC_DIR):
+    point BentoML's Prometheus folder at `<its default>/serve-<pid>`."""
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        return
+    from pathlib import Path
+
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    provider = BentoMLContainer.prometheus_multiproc_dir
+    base = Path(provider.get())
+    if base.name.startswith("serve-"):  # already patched in this process
+        return
+    for old in base.glob("serve-*"):
+        pid = old.name.removeprefix("serve-")
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    provider.set(str(base / f"serve-{os.getpid()}"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True

@@ -16,16 +16,18 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import bentoml
 import numpy as np
-import xgboost as xgb
 from bentoml.exceptions import NotFound
 
 from models.params import CandidateParams
 from models.schema import SCHEMA_HASH
 from models.tables import ServingTables
+
+if TYPE_CHECKING:
+    import xgboost as xgb
 
 BOOSTER_FILE = "ranker.ubj"
 MANIFEST_FILE = "manifest.json"
@@ -121,6 +123,8 @@ class ModelVersion:
         return ServingTables.load(self.path)
 
     def load_booster(self, nthread: int) -> xgb.Booster:
+        import xgboost as xgb  # here, not at import: the API workers never load XGBoost (~150 MB)
+
         booster = xgb.Booster(model_file=str(self.path / BOOSTER_FILE))
         booster.set_param({"nthread": nthread})
         return booster

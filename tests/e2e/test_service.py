@@ -175,18 +175,25 @@ def test_probes_and_metrics(server: ServerProcess, client: bentoml.SyncHTTPClien
 def test_burst_of_concurrent_requests_has_no_errors(
     server: ServerProcess, version: ModelVersion, local: Recommender
 ) -> None:
-    """500 concurrent requests through the API to the ranking service, each answered with
-    exactly its own user's recommendations: the API workers join concurrent scoring calls
-    (models/batching.py), so a slice handed to the wrong caller would show here. With
-    BentoML's default runner_connection (recycled every 100 requests) some came back 500."""
+    """500 concurrent /recommend and 1-row /score requests through the API to the ranking
+    service, each answered with exactly its own result: the API workers join concurrent
+    scoring calls (models/batching.py), so a slice handed to the wrong caller would show
+    here. With BentoML's default runner_connection (recycled every 100 requests) some came
+    back 500."""
     users = [str(u) for u in local.tables.user_ids[:60]]
     expected = {u: [x["item_id"] for x in expected_recommendation(version, local, u, 10, True)] for u in users}
+    features = local.prepare_recommend(0, exclude_seen=True).features[:60]
+    scores = predict_scores(version.load_booster(nthread=1), features)
+    before = metric_values(httpx.get(f"{server.url}/metrics", timeout=10).text, "recsys_ranker_joined_requests")
 
     async def burst() -> list[str]:
         async with bentoml.AsyncHTTPClient(server.url, server_ready_timeout=30) as c:
             async def one(i: int) -> str:
-                user = users[i % len(users)]
+                user, row = users[i % len(users)], i % len(features)
                 try:
+                    if i % 2:
+                        got = (await c.score(rows=[dict(zip(FEATURE_NAMES, map(float, features[row])))]))["scores"]
+                        return "ok" if np.allclose(got, scores[row : row + 1], atol=1e-5) else f"wrong score, row {row}"
                     r = await c.recommend(user_id=user, k=10)
                 except bentoml.exceptions.BentoMLException as err:
                     return f"error: {err}"
@@ -201,8 +208,35 @@ def test_burst_of_concurrent_requests_has_no_errors(
     errors = [r for r in results if r != "ok"]
     assert not errors, f"{len(errors)} of {len(results)} failed, e.g. {errors[:3]}"
     assert time.monotonic() - started < 120
-    joined = metric_values(httpx.get(f"{server.url}/metrics", timeout=10).text, "recsys_ranker_joined_requests")
-    assert joined["sum"] > joined["count"] > 0, f"no scoring calls were joined: {joined}"
+    after = metric_values(httpx.get(f"{server.url}/metrics", timeout=10).text, "recsys_ranker_joined_requests")
+    requests, calls = after["sum"] - before["sum"], after["count"] - before["count"]
+    assert requests == len(results), "every scoring request is counted once"
+    assert calls < requests, f"no scoring calls were joined: {calls} calls for {requests} requests"
+
+
+def test_metrics_survive_another_serve_process_on_the_same_home(
+    server: ServerProcess, bentoml_home: Path, trained: TrainResult
+) -> None:
+    """BentoML wipes $BENTOML_HOME/prometheus_multiproc_dir when a serve process starts,
+    which erased the counts of the one already serving (models/bentoml_patches.py)."""
+    assert trained.tag is not None
+
+    def served() -> float:
+        text = httpx.get(f"{server.url}/metrics", timeout=10).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("bentoml_service_request_total") and 'endpoint="/model"' in line)  # fmt: skip
+
+    for _ in range(3):
+        assert httpx.post(f"{server.url}/model", json={}, timeout=10).status_code == 200
+    first = served()
+    other = start_server(["service:ApiService"], cwd=PROJECT_ROOT,
+                         env={"BENTOML_HOME": str(bentoml_home), "RECSYS_MODEL_TAG": trained.tag})  # fmt: skip
+    try:
+        for _ in range(2):
+            assert httpx.post(f"{server.url}/model", json={}, timeout=10).status_code == 200
+        assert served() == first + 2
+    finally:
+        other.stop()
 
 
 def metric_values(text: str, name: str) -> dict[str, float]:
