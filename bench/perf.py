@@ -1,7 +1,7 @@
 """The performance benchmark: the service against the hardware's limit and a peer, in one
 run on one machine.
 
-    python -m bench.perf                 # ~6 minutes; writes bench/results/perf.{md,json,png}
+    python -m bench.perf                 # ~13 minutes; writes bench/results/perf.{md,json,png}
     python -m bench.perf --smoke         # seconds; checks that the benchmark works
 
 Scenarios: (1) /recommend k=10 for random known users, (2) /rank with 100 given items,

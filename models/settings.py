@@ -58,7 +58,7 @@ class RecsysSettings(BaseSettings):
     ranker_workers: int = Field(1, ge=1, description="Worker processes of the ranking service.")
     ranker_cpu: int = Field(1, ge=1, description="CPUs the ranking service declares.")
     ranker_memory: str = Field(
-        "1Gi", description="Memory the ranking service declares (a worker measured ~370 MB)."
+        "1Gi", description="Memory the ranking service declares (a worker measured ~290 MB)."
     )
     nthread: int = Field(1, ge=1, description="XGBoost threads per worker (1 wins for small batches).")
     batching: bool = Field(True, description="Adaptive batching of the ranking service's /score.")
@@ -100,6 +100,8 @@ class RecsysSettings(BaseSettings):
         True, description="Join the scoring calls an API worker makes while earlier ones are "
         "out into one call to the ranking service (models/batching.py)."
     )
+    # Measured on 2 cores at 64 clients: 1 and 2 alike for 1-row /score (~2,900 vs ~2,830
+    # req/s), 2 better for /recommend (~1,330 vs ~1,270, p99 78 vs 119 ms).
     api_batch_in_flight: int = Field(
         2, ge=1, description="Scoring calls an API worker keeps out at once (per model) when "
         "joining; more calls wait and go out together."
