@@ -94,6 +94,31 @@ def test_workers_merge_and_old_buckets_leave_the_window(profile: ReferenceProfil
     assert layout.score_counts(by_rows).sum() == 30  # newest bucket alone holds 30 rows
 
 
+@pytest.mark.parametrize("batch_rows", [7, 2048])
+def test_rows_binned_in_batches_count_as_binned_one_request_at_a_time(
+    profile: ReferenceProfile, tmp_path: Path, batch_rows: int
+) -> None:
+    """Batched binning (DriftCounter.batch_rows) puts every row in the bucket it arrived in,
+    across bucket changes and ring wrap-around, exactly like binning each request at once."""
+    layout = profile.layout()
+    each = DriftCounter(layout, tmp_path / "each", "api", window_s=60, n_buckets=6, batch_rows=1)
+    batched = DriftCounter(layout, tmp_path / "batched", "api", window_s=60, n_buckets=6, batch_rows=batch_rows)
+    rng = np.random.default_rng(batch_rows)
+    now = 1_000_000.0
+    for _ in range(400):
+        now += float(rng.exponential(0.5))  # ~200 s: the 6 buckets of 10 s wrap around
+        n = int(rng.integers(0, 40))
+        start = int(rng.integers(0, len(REFERENCE) - n))
+        cold = int(rng.integers(0, 2))
+        for counter in (each, batched):
+            counter.add(REFERENCE[start : start + n], REF_SCORES[start : start + n], cold=cold, now=now)
+    each.flush()
+    batched.flush()
+    np.testing.assert_array_equal(batched.bucket_ids, each.bucket_ids)
+    np.testing.assert_array_equal(batched.counts, each.counts)
+    assert batched.counts[:, layout.score_offset : layout.requests_slot].sum() > 0
+
+
 def test_profile_round_trips_as_json(profile: ReferenceProfile, tmp_path: Path) -> None:
     profile.save(tmp_path)
     assert ReferenceProfile.load(tmp_path) == profile
