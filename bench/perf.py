@@ -107,12 +107,8 @@ def in_process_references(tag: str, users: list[str], items: list[str], seconds:
 
 
 def worker_rss_mb(server: ServerProcess) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for p in psutil.Process(server.proc.pid).children(recursive=True):
-        cmd = " ".join(p.cmdline())
-        name = "ranker" if "RankerService" in cmd else "api" if "ApiService" in cmd else "other"
-        out[f"{name}_{p.pid}"] = p.memory_info().rss / 2**20
-    return out
+    names = {"RankerService": "ranker", "ApiService": "api"}
+    return {f"{names.get(name, name)}_{p.pid}": p.memory_info().rss / 2**20 for name, p in server.workers()}
 
 
 def ensure_mlserver() -> Path:

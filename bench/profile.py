@@ -18,23 +18,18 @@ import sys
 import tempfile
 from pathlib import Path
 
-import psutil
-
 from bench.perf import train_model
-from bench.servers import start_server
+from bench.servers import ServerProcess, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
 PY_SPY = str(Path(sys.executable).parent / "py-spy")
 
 
-def workers(server_pid: int) -> dict[str, int]:
-    """Worker pids by service, from their command lines."""
+def one_worker_each(server: ServerProcess) -> dict[str, int]:
+    """A worker pid per service (the first of each)."""
     found: dict[str, int] = {}
-    for proc in psutil.Process(server_pid).children(recursive=True):
-        cmd = " ".join(proc.cmdline())
-        for name in ("ApiService", "RankerService"):
-            if f"--service-name {name}" in cmd and name not in found:
-                found[name] = proc.pid
+    for name, proc in server.workers():
+        found.setdefault(name, proc.pid)
     return found
 
 
@@ -64,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                                   "--rate", "200", "--format", "flamegraph", "--nonblocking",
                                   "--output", str(args.out / f"{name}.svg")],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-                for name, pid in workers(server.proc.pid).items()
+                for name, pid in one_worker_each(server).items()
             ]
             for r in recorders:
                 r.wait(timeout=args.duration + 60)

@@ -41,6 +41,18 @@ class ServerProcess:
         except psutil.NoSuchProcess:
             return []
 
+    def workers(self) -> list[tuple[str, psutil.Process]]:
+        """The worker processes, each with the service it serves (its `--service-name`)."""
+        found: list[tuple[str, psutil.Process]] = []
+        for proc in self._tree():
+            try:
+                command = proc.cmdline()
+            except psutil.NoSuchProcess:
+                continue
+            if "--service-name" in command:
+                found.append((command[command.index("--service-name") + 1], proc))
+        return found
+
     def stop(self) -> int:
         """SIGTERM the process group (serve forwards it to its workers), SIGKILL if it
         lingers. Workers run in process groups of their own, so any left are killed too."""

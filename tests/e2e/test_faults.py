@@ -50,8 +50,7 @@ def load_in_background(url: str, seconds: float, concurrency: int = 8) -> tuple[
 
 
 def ranker_workers(server: ServerProcess) -> list[psutil.Process]:
-    children = psutil.Process(server.proc.pid).children(recursive=True)
-    return [p for p in children if "RankerService" in " ".join(p.cmdline())]
+    return [p for name, p in server.workers() if name == "RankerService"]
 
 
 def test_killed_ranker_worker_recovers_within_10s(fresh_server: ServerProcess) -> None:
