@@ -76,6 +76,14 @@ GUARD_RESPONSES = {
 _PATCHED = "__recsys_openapi_patched__"
 
 
+def _replacing(original: Any, replacement: Any) -> Any:
+    """Mark `replacement` as this module's patch of `original` (so that a second call is a
+    no-op, and tests reach BentoML's own version through `__wrapped__`)."""
+    setattr(replacement, _PATCHED, True)
+    replacement.__wrapped__ = original
+    return replacement
+
+
 def _nullable_defaults(node: Any) -> None:
     """Properties whose default is null may be null: say so (BentoML keeps only the first
     member of `X | None`, so a null response value failed its own schema)."""
@@ -148,9 +156,7 @@ def patch_openapi(service_name: str, guarded_routes: set[str]) -> None:
         spec = original(svc, *args, **kwargs)
         return _FixedSpec(spec, guarded_routes) if svc.name == service_name else spec
 
-    generate_spec.__wrapped__ = original  # type: ignore[attr-defined]
-    setattr(generate_spec, _PATCHED, True)
-    openapi_module.generate_spec = generate_spec
+    openapi_module.generate_spec = _replacing(original, generate_spec)
 
 
 def delay_sigterm(grace_s: float) -> None:
@@ -186,9 +192,7 @@ def cache_media_types() -> None:
             value = cache[cls] = original(cls)
             return value
 
-    setattr(mime_type, _PATCHED, True)
-    mime_type.__wrapped__ = original  # type: ignore[attr-defined]
-    descriptor.mime_type = classmethod(mime_type)
+    descriptor.mime_type = classmethod(_replacing(original, mime_type))
 
 
 def cap_batch_wait(max_wait_s: float) -> None:
@@ -202,9 +206,7 @@ def cap_batch_wait(max_wait_s: float) -> None:
         original(self)
         self.wait = min(self.wait, max_wait_s)
 
-    setattr(trigger_refresh, _PATCHED, True)
-    trigger_refresh.__wrapped__ = original  # type: ignore[attr-defined]
-    optimizer.trigger_refresh = trigger_refresh
+    optimizer.trigger_refresh = _replacing(original, trigger_refresh)
 
 
 def separate_monitor_logs() -> None:
@@ -251,9 +253,7 @@ def separate_monitor_logs() -> None:
             logger.propagate = False
             setattr(self, f"{kind}_logger", logger)
 
-    setattr(_init_logger, _PATCHED, True)
-    _init_logger.__wrapped__ = original  # type: ignore[attr-defined]
-    monitor_cls._init_logger = _init_logger
+    monitor_cls._init_logger = _replacing(original, _init_logger)
 
 
 
@@ -276,9 +276,7 @@ def skip_unexported_tracing() -> None:
             return stack
         return [m for m in stack if m.cls is not OpenTelemetryMiddleware]
 
-    setattr(middlewares, _PATCHED, True)
-    middlewares.__wrapped__ = original  # type: ignore[attr-defined]
-    factory.middlewares = property(middlewares)
+    factory.middlewares = property(_replacing(original, middlewares))
 
 
 def metrics_dir_per_serve() -> None:

@@ -40,10 +40,6 @@ def requests(n: int, seed: int = 0) -> list[np.ndarray]:
     return [rng.random((int(rng.integers(1, 9)), 3)).astype(np.float32) for _ in range(n)]
 
 
-def run(coro: Any) -> Any:
-    return asyncio.run(coro)
-
-
 @pytest.mark.parametrize("max_in_flight", [1, 2, 4])
 @pytest.mark.parametrize("max_rows", [20, 4096])
 def test_concurrent_calls_are_joined_and_each_gets_its_own_scores(max_in_flight: int, max_rows: int) -> None:
@@ -54,7 +50,7 @@ def test_concurrent_calls_are_joined_and_each_gets_its_own_scores(max_in_flight:
     async def main() -> list[np.ndarray]:
         return await asyncio.gather(*(joined(x) for x in batch))
 
-    results = run(main())
+    results = asyncio.run(main())
     for x, scores in zip(batch, results):
         np.testing.assert_allclose(scores, x.sum(axis=1), rtol=1e-6)
     assert sum(ranker.calls) == sum(len(x) for x in batch)
@@ -76,7 +72,7 @@ def test_a_lone_call_goes_out_at_once() -> None:
         assert ranker.calls == [2]
         np.testing.assert_allclose(await task, [3.0, 3.0])
 
-    run(main())
+    asyncio.run(main())
 
 
 def test_an_error_reaches_every_caller_of_its_call_and_later_calls_work() -> None:
@@ -87,10 +83,10 @@ def test_an_error_reaches_every_caller_of_its_call_and_later_calls_work() -> Non
     async def main() -> list[Any]:
         return await asyncio.gather(*(joined(x) for x in batch), return_exceptions=True)
 
-    results = run(main())
+    results = asyncio.run(main())
     assert all(isinstance(r, ConnectionError) and "ranker down" in str(r) for r in results)
     ranker.fail_with = None
-    np.testing.assert_allclose(run(joined(batch[0])), batch[0].sum(axis=1), rtol=1e-6)
+    np.testing.assert_allclose(asyncio.run(joined(batch[0])), batch[0].sum(axis=1), rtol=1e-6)
 
 
 def test_a_wrong_number_of_scores_is_an_error_not_a_misaligned_answer() -> None:
@@ -99,7 +95,7 @@ def test_a_wrong_number_of_scores_is_an_error_not_a_misaligned_answer() -> None:
 
     joined = JoinedCalls(short, "score", max_rows=4096, max_in_flight=1)
     with pytest.raises(RuntimeError, match="scores for"):
-        run(joined(np.ones((3, 3), np.float32)))
+        asyncio.run(joined(np.ones((3, 3), np.float32)))
 
 
 def test_a_caller_that_gives_up_does_not_disturb_the_others() -> None:
@@ -115,7 +111,7 @@ def test_a_caller_that_gives_up_does_not_disturb_the_others() -> None:
         waiting[2].cancel()  # gave up while queued
         return await asyncio.gather(first, *waiting, return_exceptions=True)
 
-    results = run(main())
+    results = asyncio.run(main())
     assert isinstance(results[3], asyncio.CancelledError)
     for i in (0, 1, 2, 4, 5, 6, 7):
         np.testing.assert_allclose(results[i], batch[i].sum(axis=1), rtol=1e-6)
