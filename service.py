@@ -16,7 +16,11 @@ import numpy as np
 from bentoml.exceptions import InvalidArgument, ServiceUnavailable
 from pydantic import Field, StrictBool, StrictInt
 
-from models.api_schema import (
+from models.core.ranking import predict_scores
+from models.core.recommender import Recommender
+from models.core.schema import FEATURE_DTYPE, FEATURE_NAMES, N_FEATURES
+from models.lifecycle.store import ModelCheckError, open_version
+from models.serving.api_schema import (
     ExternalId,
     FeatureRow,
     ModelResponse,
@@ -26,8 +30,8 @@ from models.api_schema import (
     ScoreResponse,
     VersionInfo,
 )
-from models.batching import JoinedCalls
-from models.bentoml_patches import (
+from models.serving.batching import JoinedCalls
+from models.serving.bentoml_patches import (
     cache_media_types,
     cap_batch_wait,
     delay_sigterm,
@@ -36,16 +40,13 @@ from models.bentoml_patches import (
     separate_monitor_logs,
     skip_unexported_tracing,
 )
-from models.guard import RequestGuard
-from models.monitoring import DriftMonitor
-from models.rankers import RankerPool
-from models.recommender import Recommender
-from models.schema import FEATURE_DTYPE, FEATURE_NAMES, N_FEATURES
-from models.settings import RecsysSettings
-from models.registry import serving_plan
-from models.store import ModelCheckError, open_version, predict_scores
-from models.serving import Ranking
-from models.variants import Variant
+from models.serving.guard import RequestGuard
+from models.serving.monitoring import DriftMonitor
+from models.serving.orchestration import Ranking
+from models.serving.plan import serving_plan
+from models.serving.rankers import RankerPool
+from models.serving.settings import RecsysSettings
+from models.serving.variants import Variant
 
 settings = RecsysSettings()  # configuration only: decorators below need it at import
 cache_media_types()
@@ -68,7 +69,7 @@ def freeze_startup_heap() -> None:
 
 
 def documented_limits(func: Any) -> Any:
-    """Add the request-guard limits (see models/guard.py) to an API's OpenAPI description."""
+    """Add the request-guard limits (see models/serving/guard.py) to an API's OpenAPI description."""
     auth = " Needs 'Authorization: Bearer <key>' (401 without)." if settings.api_key_list() else ""
     func.__doc__ = (
         f"{func.__doc__ or ''}\n\nLimits: request body at most {settings.max_body_bytes} bytes "
@@ -180,7 +181,7 @@ class ApiService:
         # the startup hook below, the same way.
         self._more_rankers = [bentoml.depends(RankerService, url=u).get() for u in RANKER_URLS[1:]]
         self.rankers = RankerPool([self.ranker, *self._more_rankers], RANKER_URLS or ["local"])
-        # Concurrent scoring calls of this worker go out as one (models/batching.py).
+        # Concurrent scoring calls of this worker go out as one (models/serving/batching.py).
         self.joined = {
             v.score_api: JoinedCalls(functools.partial(self.rankers.call, v.score_api), v.score_api,
                                      settings.max_batch_size, settings.api_batch_in_flight)
@@ -207,7 +208,7 @@ class ApiService:
             await self._check_ranker()
         if len(features) == 0:
             return np.zeros(0, dtype=FEATURE_DTYPE)
-        # An unreachable ranking service is a retryable 503 (models/rankers.py), not a 500.
+        # An unreachable ranking service is a retryable 503 (models/serving/rankers.py), not a 500.
         if joined := self.joined.get(variant.score_api):
             return await joined(features)
         return np.asarray(await self.rankers.call(variant.score_api, features))

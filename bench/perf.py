@@ -56,8 +56,9 @@ class Cell:
 
 
 def in_process_references(tag: str, users: list[str], items: list[str], seconds: float) -> dict[str, float]:
-    from models.recommender import Recommender
-    from models.store import open_version, predict_scores
+    from models.core.ranking import predict_scores
+    from models.core.recommender import Recommender
+    from models.lifecycle.store import open_version
 
     version = open_version(tag)
     rec = Recommender(version.load_tables(), version.params)
@@ -122,7 +123,7 @@ def ensure_mlserver() -> Path:
 def start_mlserver(tag: str, workdir: Path) -> ServerProcess:
     """MLServer as its docs advise for this size of machine: one process (parallel_workers
     0 beat 2 workers here), adaptive batching on, httptools and uvloop installed."""
-    from models.store import open_version
+    from models.lifecycle.store import open_version
 
     mlserver = ensure_mlserver()
     version = open_version(tag)
@@ -188,9 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     tag = train_model(home)
     print(f"model {tag}; cells of {args.duration:.0f} s at concurrency {levels}", flush=True)
 
-    from models.recommender import Recommender
-    from models.schema import FEATURE_NAMES
-    from models.store import open_version
+    from models.core.recommender import Recommender
+    from models.core.schema import FEATURE_NAMES
+    from models.lifecycle.store import open_version
 
     version = open_version(tag)
     rec = Recommender(version.load_tables(), version.params)

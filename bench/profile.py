@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         server = start_server(["service:ApiService"], cwd=ROOT, env={"BENTOML_HOME": str(home), "RECSYS_MODEL_TAG": tag})
         try:
             bodies = home / "bodies.jsonl"
-            from models.store import open_version
+            from models.lifecycle.store import open_version
 
             users = open_version(tag).load_tables().user_ids[:500].tolist()
             bodies.write_text("".join(json.dumps({"user_id": u, "k": 10}) + "\n" for u in users))

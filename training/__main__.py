@@ -17,10 +17,10 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
-from models import registry
-from models.registry import RegistryError
-from models.settings import RecsysSettings
-from models.store import ModelCheckError
+from models.lifecycle import registry
+from models.lifecycle.registry import RegistryError
+from models.lifecycle.store import ModelCheckError
+from models.serving.settings import RecsysSettings
 from training.dask_engine import DaskEngine
 from training.datasets import DataError, Dataset, interactions, movielens, synthetic, write_synthetic
 from training.lifecycle import Decision, decide, models_main

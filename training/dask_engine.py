@@ -16,10 +16,11 @@ from typing import Any
 import numpy as np
 import xgboost as xgb
 
-from models.params import CandidateParams
-from models.schema import FEATURE_NAMES
-from models.tables import ServingTables
+from models.core.params import CandidateParams
+from models.core.schema import FEATURE_NAMES
+from models.core.tables import ServingTables
 from training.datasets import DataError
+from training.groups import Groups, best_rounds, labelled_groups
 from training.split import Window
 
 PARTS = ("x", "y", "qid")
@@ -30,8 +31,6 @@ def group_arrays(tables: ServingTables, win: Window, params: CandidateParams, ro
     """One block of users: their labelled groups as numpy arrays (qid ascending, no group
     split), for training and for validation. numpy, not pandas: pickling pandas between
     workers was the slowest part of a run (minutes at 1M interactions)."""
-    from training.pipeline import Groups, labelled_groups
-
     shuffle = np.random.default_rng(shuffle_seed) if shuffle_seed is not None else None
     train, valid = Groups(), Groups()
     for j, user, x, y in labelled_groups(tables, win, params, rows, shuffle):
@@ -108,8 +107,6 @@ class DaskEngine:
         validation groups)."""
         import dask.array as da
         from xgboost import dask as dxgb
-
-        from training.pipeline import best_rounds
 
         sizes = self.client.gather([self.client.submit(_sizes, f) for f in self._parts])
         data: dict[str, dict[str, Any]] = {}

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from models.interactions import InteractionLog, ItemCatalog, build_log
+from models.core.interactions import InteractionLog, ItemCatalog, build_log
 
 MOVIELENS_RATINGS = "ratings.csv"
 MOVIELENS_MOVIES = "movies.csv"

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from models.drift import ReferenceProfile, frequencies, ks_binned, psi, status
-from models.monitoring import MONITOR_NAME, logged_records
-from models.registry import resolve_alias
-from models.schema import FEATURE_NAMES, N_FEATURES
-from models.settings import RecsysSettings
-from models.store import open_version
+from models.core.drift import ReferenceProfile, frequencies, ks_binned, psi, status
+from models.core.schema import FEATURE_NAMES, N_FEATURES
+from models.lifecycle.registry import resolve_alias
+from models.lifecycle.store import open_version
+from models.serving.monitoring import MONITOR_NAME, logged_records
+from models.serving.settings import RecsysSettings
 
 
 @dataclass(frozen=True)

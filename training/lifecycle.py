@@ -1,4 +1,4 @@
-"""Model lifecycle commands over the registry (models/registry.py):
+"""Model lifecycle commands over the registry (models/lifecycle/registry.py):
 
     python -m training models list|show|compare|promote|rollback|clear-challenger|history
     python -m training retrain --dataset ... [--margin M]   (see `decide`)
@@ -17,10 +17,10 @@ from typing import Any
 import bentoml
 from bentoml.exceptions import NotFound
 
-from models import registry
-from models.registry import ALIASES, STAGES, RegistryError
-from models.settings import RecsysSettings
-from models.store import ModelCheckError
+from models.lifecycle import registry
+from models.lifecycle.registry import ALIASES, STAGES, RegistryError
+from models.lifecycle.store import ModelCheckError
+from models.serving.settings import RecsysSettings
 
 COMPARED_METRICS = ("ndcg", "recall", "hitrate", "map")
 

@@ -21,18 +21,18 @@ import numpy as np
 import xgboost as xgb
 from tqdm import tqdm
 
-from models.candidates import generate_candidates
-from models.features import build_features
-from models.metrics import mean_metrics, ranking_metrics
-from models.params import CandidateParams
-from models.ranking import top_k
-from models.drift import build_profile
-from models.schema import FEATURE_NAMES, ITEM_FEATURES, N_FEATURES, SCHEMA_HASH, schema_as_dict
-from models.settings import DEFAULT_MODEL_NAME
-from models.store import open_version, predict_scores, save_version
-from models.tables import ServingTables, build_tables
-from training.dask_engine import DaskEngine
+from models.core.candidates import generate_candidates
+from models.core.drift import build_profile
+from models.core.features import build_features
+from models.core.metrics import mean_metrics, ranking_metrics
+from models.core.params import CandidateParams
+from models.core.ranking import predict_scores, top_k
+from models.core.schema import FEATURE_NAMES, ITEM_FEATURES, N_FEATURES, SCHEMA_HASH, schema_as_dict
+from models.core.tables import ServingTables, build_tables
+from models.lifecycle.store import DEFAULT_MODEL_NAME, open_version, save_version
 from training.datasets import DataError, Dataset
+from training.engine import Engine
+from training.groups import Groups, best_rounds, collect_groups, label_items
 from training.report import write_report
 from training.split import SplitConfig, Window, window
 
@@ -79,28 +79,6 @@ class TrainConfig:
         return asdict(self)
 
 
-@dataclass
-class Groups:
-    """Ranking groups: one per (window, user), rows sorted by qid as XGBRanker needs."""
-
-    features: list[np.ndarray] = field(default_factory=list)
-    labels: list[np.ndarray] = field(default_factory=list)
-    qid: list[np.ndarray] = field(default_factory=list)
-
-    def add(self, x: np.ndarray, y: np.ndarray, qid: int) -> None:
-        self.features.append(x)
-        self.labels.append(y)
-        self.qid.append(np.full(len(y), qid, dtype=np.int64))
-
-    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if not self.features:
-            raise DataError("no labelled groups: no user has a label item among its candidates")
-        return np.vstack(self.features), np.concatenate(self.labels), np.concatenate(self.qid)
-
-    def __len__(self) -> int:
-        return len(self.features)
-
-
 @dataclass(frozen=True)
 class TrainResult:
     tag: str | None
@@ -125,39 +103,6 @@ class StageLog:
         log.info("✔ %s (%.2f s)", name, self.timings[name])
 
 
-def _label_items(win: Window, j: int) -> np.ndarray:
-    return win.label_items[win.label_indptr[j] : win.label_indptr[j + 1]]
-
-
-def labelled_groups(
-    tables: ServingTables, win: Window, params: CandidateParams, rows: np.ndarray,
-    shuffle: np.random.Generator | None = None,
-) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
-    """(j, user, features, 0/1 labels) for the labelled users `win.label_users[rows]`.
-    Users none of whose label items are among their candidates teach nothing and are skipped."""
-    for j in tqdm(rows.tolist(), desc=f"window {win.index}", leave=False, disable=None):
-        user = int(win.label_users[j])
-        items, cooc = generate_candidates(tables, user, params)
-        y = np.isin(items, _label_items(win, j)).astype(np.float32)
-        if not y.any():
-            continue
-        if shuffle is not None:
-            y = shuffle.permutation(y)
-        yield j, user, build_features(tables, user, items, cooc), y
-
-
-def collect_groups(
-    tables: ServingTables, win: Window, params: CandidateParams, eval_users: np.ndarray,
-    train: Groups, valid: Groups, qid_base: int, shuffle: np.random.Generator | None = None,
-) -> int:
-    """Add each labelled user's candidates of this window, with 0/1 labels, to train or valid."""
-    added = 0
-    for j, user, x, y in labelled_groups(tables, win, params, np.arange(len(win.label_users)), shuffle):
-        (valid if eval_users[user] else train).add(x, y, qid_base + j)
-        added += 1
-    return added
-
-
 def ranker_kwargs(config: TrainConfig) -> dict[str, Any]:
     """XGBRanker parameters, shared by the in-process and the Dask engine."""
     p = config.ranker
@@ -177,14 +122,6 @@ def ranker_kwargs(config: TrainConfig) -> dict[str, Any]:
         "tree_method": "hist",
         "random_state": config.seed,
     }
-
-
-def best_rounds(ranker: xgb.XGBRanker, k: int) -> tuple[xgb.Booster, list[float], int]:
-    """The booster up to the best validation round (the model we evaluate), the validation
-    NDCG curve, and the best round."""
-    curve = [float(v) for v in ranker.evals_result()["validation_0"][f"ndcg@{k}"]]
-    best = int(ranker.best_iteration)
-    return ranker.get_booster()[: best + 1], curve, best
 
 
 def fit_ranker(train: Groups, valid: Groups, config: TrainConfig) -> tuple[xgb.Booster, list[float], int]:
@@ -212,7 +149,7 @@ def evaluate(
     for j, user in enumerate(tqdm(win.label_users, desc="evaluate", leave=False, disable=None)):
         items, cooc = generate_candidates(tables, int(user), params)
         features.append(build_features(tables, int(user), items, cooc))
-        per_user.append((items, _label_items(win, j), tables.history(int(user))))
+        per_user.append((items, label_items(win, j), tables.history(int(user))))
     matrix = np.vstack(features) if features else np.zeros((0, N_FEATURES), dtype=np.float32)
     scores = predict_scores(booster, matrix)
     bounds = np.cumsum([0] + [len(f) for f in features])
@@ -272,7 +209,7 @@ def evaluate_version(
 
 def train(
     dataset: Dataset, config: TrainConfig = TrainConfig(), model_name: str = DEFAULT_MODEL_NAME,
-    save: bool = True, compare_with: str | None = None, engine: DaskEngine | None = None,
+    save: bool = True, compare_with: str | None = None, engine: Engine | None = None,
 ) -> TrainResult:
     """Train, evaluate and (if `save`) add one version to the store. With `compare_with` (a
     tag), that version is evaluated on the same fresh hold-out too, before anything is saved.

@@ -20,11 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from models.monitoring import logged_records
-from models.recommender import LocalRanker, Recommender, UnknownItemsError
-from models.settings import RecsysSettings
-from models.store import open_version
-from models.variants import REQUEST_LOG, overlap_at_k, rank_correlation
+from models.core.metrics import overlap_at_k, rank_correlation
+from models.core.recommender import LocalRanker, Recommender, UnknownItemsError
+from models.lifecycle.store import open_version
+from models.serving.monitoring import logged_records
+from models.serving.settings import RecsysSettings
+from models.serving.variants import REQUEST_LOG
 from training.lifecycle import resolve_ref
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.interactions import InteractionLog
+from models.core.interactions import InteractionLog
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,9 @@ import httpx
 import numpy as np
 import pytest
 
-from models.recommender import Recommender
-from models.schema import FEATURE_NAMES
-from models.store import open_version
+from models.core.recommender import Recommender
+from models.core.schema import FEATURE_NAMES
+from models.lifecycle.store import open_version
 from tests.helpers import PROJECT_ROOT, ServerProcess, start_server
 from training.pipeline import TrainResult
 

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from bench.loadgen import LoadResult, run_load
-from models.settings import RecsysSettings
+from models.serving.settings import RecsysSettings
 from tests.helpers import PROJECT_ROOT, ServerProcess, start_server
 from training.pipeline import TrainResult
 

@@ -12,7 +12,7 @@ import bentoml
 import httpx
 import pytest
 
-from models.settings import RecsysSettings
+from models.serving.settings import RecsysSettings
 from tests.helpers import PROJECT_ROOT, ServerProcess, start_server
 from training.pipeline import TrainResult
 

@@ -17,10 +17,10 @@ import bentoml
 import httpx
 import pytest
 
-from models import registry
-from models.recommender import LocalRanker, Recommender
-from models.store import open_version
-from models.variants import REQUEST_LOG, SHADOW_LOG, routes_to_challenger
+from models.core.recommender import LocalRanker, Recommender
+from models.lifecycle import registry
+from models.lifecycle.store import open_version
+from models.serving.variants import REQUEST_LOG, SHADOW_LOG, routes_to_challenger
 from tests.helpers import PROJECT_ROOT, ServerProcess, small_synthetic, start_server
 from training.pipeline import TrainConfig, train
 

@@ -17,7 +17,7 @@ import bentoml
 import httpx
 import pytest
 
-from models.settings import RecsysSettings
+from models.serving.settings import RecsysSettings
 from tests.helpers import PROJECT_ROOT, ServerProcess, free_port, wait_ready
 from training import drift_report, replay
 from training.__main__ import build_parser, generate_parser

@@ -15,10 +15,11 @@ import httpx
 import numpy as np
 import pytest
 
-from models.recommender import Recommender
-from models.schema import FEATURE_NAMES, SCHEMA_HASH
-from models.settings import RecsysSettings
-from models.store import BOOSTER_FILE, ModelVersion, open_version, predict_scores
+from models.core.ranking import predict_scores
+from models.core.recommender import Recommender
+from models.core.schema import FEATURE_NAMES, SCHEMA_HASH
+from models.lifecycle.store import BOOSTER_FILE, ModelVersion, open_version
+from models.serving.settings import RecsysSettings
 from tests.helpers import PROJECT_ROOT, ServerProcess, start_server
 from training.pipeline import TrainResult
 
@@ -177,7 +178,7 @@ def test_burst_of_concurrent_requests_has_no_errors(
 ) -> None:
     """500 concurrent /recommend and 1-row /score requests through the API to the ranking
     service, each answered with exactly its own result: the API workers join concurrent
-    scoring calls (models/batching.py), so a slice handed to the wrong caller would show
+    scoring calls (models/serving/batching.py), so a slice handed to the wrong caller would show
     here. With BentoML's default runner_connection (recycled every 100 requests) some came
     back 500."""
     users = [str(u) for u in local.tables.user_ids[:60]]
@@ -218,7 +219,7 @@ def test_metrics_survive_another_serve_process_on_the_same_home(
     server: ServerProcess, bentoml_home: Path, trained: TrainResult
 ) -> None:
     """BentoML wipes $BENTOML_HOME/prometheus_multiproc_dir when a serve process starts,
-    which erased the counts of the one already serving (models/bentoml_patches.py)."""
+    which erased the counts of the one already serving (models/serving/bentoml_patches.py)."""
     assert trained.tag is not None
 
     def served() -> float:

@@ -1,4 +1,4 @@
-"""models/bentoml_patches.py: the served OpenAPI document is fixed, and the fixes are
+"""models/serving/bentoml_patches.py: the served OpenAPI document is fixed, and the fixes are
 still needed (if BentoML's own document becomes right, the second test says so)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from models.bentoml_patches import GUARD_RESPONSES
+from models.serving.bentoml_patches import GUARD_RESPONSES
 
 PUBLIC = ("/recommend", "/rank", "/score", "/model")
 
@@ -88,10 +88,11 @@ def test_batcher_wait_is_capped() -> None:
 def test_tracing_middleware_only_with_an_exporter(service_name: str) -> None:
     """BentoML's own stack has the OpenTelemetry middleware; ours drops it while no
     exporter is configured and keeps it when one is."""
-    import service  # applies the patch
     from _bentoml_impl.server.app import ServiceAppFactory
     from bentoml._internal.configuration.containers import BentoMLContainer
     from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
+    import service  # applies the patch
 
     svc = getattr(service, service_name)
     svc.inject_config()
@@ -124,7 +125,7 @@ def test_each_monitor_name_writes_its_own_files(
     import bentoml
     from bentoml._internal.monitoring.default import DefaultMonitor
 
-    from models.bentoml_patches import separate_monitor_logs
+    from models.serving.bentoml_patches import separate_monitor_logs
 
     separate_monitor_logs()
     if not patched:

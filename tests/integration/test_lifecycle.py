@@ -13,9 +13,10 @@ import bentoml
 import pytest
 import yaml
 
-from models import registry
-from models.registry import RegistryError, bento_pinned_tags, serving_plan
-from models.settings import RecsysSettings
+from models.lifecycle import registry
+from models.lifecycle.registry import RegistryError, bento_pinned_tags
+from models.serving.plan import serving_plan
+from models.serving.settings import RecsysSettings
 from tests.helpers import PROJECT_ROOT, small_synthetic
 from training.__main__ import main
 from training.pipeline import TrainConfig, train

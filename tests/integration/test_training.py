@@ -10,8 +10,8 @@ import bentoml
 import numpy as np
 import pytest
 
-from models.schema import FEATURE_NAMES, SCHEMA_HASH
-from models.store import BOOSTER_FILE, MANIFEST_FILE, ModelCheckError, check_version, open_version
+from models.core.schema import FEATURE_NAMES, SCHEMA_HASH
+from models.lifecycle.store import BOOSTER_FILE, MANIFEST_FILE, ModelCheckError, check_version, open_version
 from tests.helpers import small_synthetic
 from training.datasets import DataError, synthetic
 from training.pipeline import (

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from models.params import CandidateParams
-from models.tables import ServingTables, build_tables
+from models.core.params import CandidateParams
+from models.core.tables import ServingTables, build_tables
 from training.datasets import Dataset
 
 

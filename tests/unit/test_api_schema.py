@@ -7,8 +7,8 @@ import math
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
-from models.api_schema import ExternalId, FeatureRow, input_error
-from models.schema import FEATURE_NAMES
+from models.core.schema import FEATURE_NAMES
+from models.serving.api_schema import ExternalId, FeatureRow, input_error
 
 ID = TypeAdapter(ExternalId)
 

@@ -1,4 +1,4 @@
-"""models/batching.py: an API worker's concurrent scoring calls are joined, each caller
+"""models/serving/batching.py: an API worker's concurrent scoring calls are joined, each caller
 gets exactly its own scores, and nothing is held back, lost or mixed up."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from models.batching import JoinedCalls
+from models.serving.batching import JoinedCalls
 
 
 class FakeRanker:

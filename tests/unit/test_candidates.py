@@ -7,12 +7,12 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from models.candidates import cooc_scores, generate_candidates, recent_items
-from models.features import COOC_RANK_NONE, build_features
-from models.params import CandidateParams
-from models.ranking import top_k
-from models.schema import FEATURE_INDEX, N_FEATURES
-from models.tables import ServingTables
+from models.core.candidates import cooc_scores, generate_candidates, recent_items
+from models.core.features import COOC_RANK_NONE, build_features
+from models.core.params import CandidateParams
+from models.core.ranking import top_k
+from models.core.schema import FEATURE_INDEX, N_FEATURES
+from models.core.tables import ServingTables
 
 FIXTURES = settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=60)
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from models.drift import (
+from models.core.drift import (
     DriftCounter,
     ReferenceProfile,
     bin_index,
@@ -21,7 +21,7 @@ from models.drift import (
     psi,
     quantile_edges,
 )
-from models.schema import FEATURE_NAMES, N_FEATURES
+from models.core.schema import FEATURE_NAMES, N_FEATURES
 
 RNG = np.random.default_rng(0)
 REFERENCE = RNG.normal(size=(5000, N_FEATURES)).astype(np.float32)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from models.guard import RequestGuard
+from models.serving.guard import RequestGuard
 
 
 async def echo_app(scope: dict[str, Any], receive: Any, send: Any) -> None:

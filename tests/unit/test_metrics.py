@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from models.metrics import METRIC_NAMES, mean_metrics, ranking_metrics
+from models.core.metrics import METRIC_NAMES, mean_metrics, ranking_metrics
 
 
 @pytest.mark.parametrize(

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.candidates import CoocScores
-from models.features import build_features
-from models.schema import (
+from models.core.candidates import CoocScores
+from models.core.features import build_features
+from models.core.schema import (
     FEATURE_NAMES,
     FEATURES,
     ITEM_FEATURES,
@@ -16,7 +16,7 @@ from models.schema import (
     compute_schema_hash,
     schema_as_dict,
 )
-from models.tables import ServingTables
+from models.core.tables import ServingTables
 
 
 def test_names_are_unique_and_groups_valid() -> None:

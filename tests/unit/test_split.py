@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from models.interactions import InteractionLog, build_log
+from models.core.interactions import InteractionLog, build_log
 from training.split import SplitConfig, holdout_sizes, window
 
 N_ITEMS = 100

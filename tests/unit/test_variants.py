@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.variants import overlap_at_k, rank_correlation, routes_to_challenger, user_bucket
+from models.core.metrics import overlap_at_k, rank_correlation
+from models.serving.variants import routes_to_challenger, user_bucket
 from training.lifecycle import decide
 
 USERS = [f"u{i}" for i in range(5000)]
@@ -38,7 +39,7 @@ def test_a_user_is_always_routed_the_same_way_and_the_salt_redraws() -> None:
 def test_user_bucket_is_the_same_in_every_process(hash_seed: str) -> None:
     """Workers and restarts must agree: another interpreter, with another str-hash salt,
     puts users in the same buckets (Python's hash() would not)."""
-    code = "from models.variants import user_bucket; print(repr([user_bucket(f'u{i}', 'recsys') for i in range(50)]))"
+    code = "from models.serving.variants import user_bucket; print(repr([user_bucket(f'u{i}', 'recsys') for i in range(50)]))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONHASHSEED": hash_seed}, cwd=Path(__file__).resolve().parents[2])  # fmt: skip
     assert ast.literal_eval(out.stdout) == [user_bucket(f"u{i}", "recsys") for i in range(50)]

@@ -23,8 +23,7 @@ import bentoml
 import yaml
 from bentoml.exceptions import NotFound
 
-from models.settings import RecsysSettings
-from models.store import ModelCheckError, store_home
+from models.lifecycle.store import ModelCheckError, store_home
 
 Stage = Literal["champion", "challenger"]
 STAGES: tuple[Stage, ...] = ("champion", "challenger")
@@ -206,42 +205,3 @@ def bento_pinned_tags(service_file: Path, model_name: str) -> list[str] | None:
         if tags:
             return list(dict.fromkeys(tags))
     return None
-
-
-@dataclass(frozen=True)
-class ServingPlan:
-    """The exact versions a service serves. `problem` says why there is none; the service
-    raises it before any worker starts, so that importing service.py never fails."""
-
-    champion: str
-    challenger: str | None = None
-    problem: str | None = None
-
-
-def serving_plan(settings: RecsysSettings, service_file: Path) -> ServingPlan:
-    """Champion: RECSYS_MODEL_TAG, else the version a Bento pinned, else the version behind
-    RECSYS_MODEL_ALIAS in the registry. Challenger (when RECSYS_CHALLENGER_MODE is not off):
-    RECSYS_CHALLENGER_TAG, else the Bento's second pinned version, else the registry's."""
-    name = settings.model_name
-    pinned = bento_pinned_tags(service_file, name)
-    try:
-        champion = settings.model_tag or (pinned[0] if pinned else resolve_alias(name, settings.model_alias))
-        challenger = None
-        if settings.challenger_mode != "off":
-            if settings.challenger_tag:
-                challenger = settings.challenger_tag
-            elif pinned is not None:
-                if len(pinned) < 2:
-                    raise ModelCheckError(
-                        f"RECSYS_CHALLENGER_MODE={settings.challenger_mode}: this Bento was built "
-                        "without a challenger; build it with RECSYS_CHALLENGER_MODE set, or set "
-                        "RECSYS_CHALLENGER_MODE=off"
-                    )
-                challenger = pinned[1]
-            else:
-                challenger = resolve_alias(name, "challenger")
-            if challenger == champion:
-                raise ModelCheckError(f"champion and challenger are the same version {champion}")
-    except ModelCheckError as err:
-        return ServingPlan(f"{name}:unresolved", None, str(err))
-    return ServingPlan(champion, challenger)

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.candidates import CoocScores
-from models.schema import FEATURE_DTYPE, FEATURE_INDEX, ITEM_FEATURES, N_FEATURES, USER_FEATURES
-from models.tables import UNKNOWN_YEAR, ServingTables
+from models.core.candidates import CoocScores
+from models.core.schema import FEATURE_DTYPE, FEATURE_INDEX, ITEM_FEATURES, N_FEATURES, USER_FEATURES
+from models.core.tables import UNKNOWN_YEAR, ServingTables
 
 _USER_COLS = [FEATURE_INDEX[n] for n in USER_FEATURES]
 _ITEM_COLS = [FEATURE_INDEX[n] for n in ITEM_FEATURES]

@@ -10,11 +10,11 @@ from typing import Any
 
 import numpy as np
 
-from models.candidates import cooc_scores, generate_candidates, recent_items
-from models.features import build_features
-from models.params import CandidateParams
-from models.ranking import top_k
-from models.tables import ServingTables
+from models.core.candidates import cooc_scores, generate_candidates, recent_items
+from models.core.features import build_features
+from models.core.params import CandidateParams
+from models.core.ranking import predict_scores, top_k
+from models.core.tables import ServingTables
 
 
 class UnknownItemsError(ValueError):
@@ -88,7 +88,7 @@ class Recommender:
 
     @classmethod
     def of(cls, version: Any) -> Recommender:
-        """From a checked store version (models.store.ModelVersion)."""
+        """From a checked store version (models.lifecycle.store.ModelVersion)."""
         return cls(version.load_tables(), version.params)
 
     def ranked(self, prepared: Prepared, scores: np.ndarray, k: int) -> list[dict[str, Any]]:
@@ -101,8 +101,6 @@ class LocalRanker:
     """A version's whole pipeline in one process (no services): for replays and references."""
 
     def __init__(self, recommender: Recommender, booster: Any) -> None:
-        from models.store import predict_scores
-
         self.recommender = recommender
         self._predict = lambda features: predict_scores(booster, features)
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    import xgboost as xgb
 
 
 def top_k(items: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -15,3 +20,10 @@ def top_k(items: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np
     # Stable sort on -score: equal scores stay in candidate order (co-occurrence first).
     order = np.argsort(-scores, kind="stable")[:k]
     return items[order], scores[order]
+
+
+def predict_scores(booster: xgb.Booster, features: np.ndarray) -> np.ndarray:
+    """Relevance scores for a float32 feature matrix in schema order (higher is better)."""
+    if len(features) == 0:
+        return np.zeros(0, dtype=np.float32)
+    return np.asarray(booster.inplace_predict(features), dtype=np.float32).reshape(-1)

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from models.interactions import InteractionLog, ItemCatalog
-from models.params import CandidateParams
-from models.schema import ITEM_FEATURES, USER_FEATURES
+from models.core.interactions import InteractionLog, ItemCatalog
+from models.core.params import CandidateParams
+from models.core.schema import ITEM_FEATURES, USER_FEATURES
 
 ITEMS_FILE = "items.parquet"
 USERS_FILE = "users.parquet"

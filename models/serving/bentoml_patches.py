@@ -40,7 +40,7 @@ OpenAPI truthfulness (`/docs.json`):
   so a null value (a `/model` with no challenger) failed the document's own schema.
 - Request bodies with required fields are marked `required` (BentoML leaves it out, so an
   empty body looks valid).
-- The responses of the request guard (401, 413, 503; models/guard.py) are added to every
+- The responses of the request guard (401, 413, 503; models/serving/guard.py) are added to every
   public operation, so that they are documented and clients can expect them.
 """
 

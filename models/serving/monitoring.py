@@ -1,4 +1,4 @@
-"""The service side of drift monitoring: count every scored request (models/drift.py),
+"""The service side of drift monitoring: count every scored request (models/core/drift.py),
 keep Prometheus gauges of PSI per feature and model version, and log a sample of inputs
 and outputs through `bentoml.monitor` to rotating files for offline reports."""
 
@@ -17,8 +17,8 @@ from typing import Any
 import bentoml
 import numpy as np
 
-from models.drift import DriftCounter, ReferenceProfile, drift_report, merged_counts
-from models.settings import RecsysSettings
+from models.core.drift import DriftCounter, ReferenceProfile, drift_report, merged_counts
+from models.serving.settings import RecsysSettings
 
 MONITOR_NAME = "recsys_ranking"
 _GAUGE_REFRESH_S = 10.0

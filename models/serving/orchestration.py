@@ -16,11 +16,11 @@ import numpy as np
 from bentoml.exceptions import ServiceUnavailable
 from pydantic import ValidationError
 
-from models.api_schema import RankResponse, RecommendResponse, input_error
-from models.recommender import UnknownItemsError
-from models.schema import FEATURE_DTYPE, N_FEATURES
-from models.settings import RecsysSettings
-from models.variants import TrafficLog, Variant, routes_to_challenger
+from models.core.recommender import UnknownItemsError
+from models.core.schema import FEATURE_DTYPE, N_FEATURES
+from models.serving.api_schema import RankResponse, RecommendResponse, input_error
+from models.serving.settings import RecsysSettings
+from models.serving.variants import TrafficLog, Variant, routes_to_challenger
 
 ScoreFn = Callable[[Variant, np.ndarray], Awaitable[np.ndarray]]
 NO_ROWS = np.zeros((0, N_FEATURES), dtype=FEATURE_DTYPE)

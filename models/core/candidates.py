@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.params import CandidateParams
-from models.tables import ServingTables
+from models.core.params import CandidateParams
+from models.core.tables import ServingTables
 
 _EMPTY_I = np.zeros(0, dtype=np.int32)
 _EMPTY_F = np.zeros(0, dtype=np.float64)

@@ -19,16 +19,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import bentoml
-import numpy as np
 from bentoml.exceptions import NotFound
 
-from models.params import CandidateParams
-from models.schema import SCHEMA_HASH
-from models.tables import ServingTables
+from models.core.params import CandidateParams
+from models.core.schema import SCHEMA_HASH
+from models.core.tables import ServingTables
 
 if TYPE_CHECKING:
     import xgboost as xgb
 
+DEFAULT_MODEL_NAME = "recsys-ranker"
 BOOSTER_FILE = "ranker.ubj"
 MANIFEST_FILE = "manifest.json"
 _BENTOML_OWN_FILES = {"model.yaml"}
@@ -164,10 +164,3 @@ def open_version(tag: str) -> ModelVersion:
             f"model {tag}: not found in the BentoML store; train one with `python -m training`"
         ) from err
     return check_version(model)
-
-
-def predict_scores(booster: xgb.Booster, features: np.ndarray) -> np.ndarray:
-    """Relevance scores for a float32 feature matrix in schema order (higher is better)."""
-    if len(features) == 0:
-        return np.zeros(0, dtype=np.float32)
-    return np.asarray(booster.inplace_predict(features), dtype=np.float32).reshape(-1)

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_MODEL_NAME = "recsys-ranker"
+from models.lifecycle.store import DEFAULT_MODEL_NAME
 
 
 class RecsysSettings(BaseSettings):
@@ -30,7 +30,7 @@ class RecsysSettings(BaseSettings):
         "stage (`python -m training models ...`) or the newest version."
     )
 
-    # Champion/challenger (models/registry.py, models/variants.py).
+    # Champion/challenger (models/lifecycle/registry.py, models/serving/variants.py).
     challenger_mode: Literal["off", "split", "shadow"] = Field(
         "off", description="off; split: a share of users is ranked by the challenger; shadow: "
         "the challenger ranks every request too, its results are logged, never returned."
@@ -98,7 +98,7 @@ class RecsysSettings(BaseSettings):
     api_memory: str = Field("1Gi", description="Memory the API service declares (two workers).")
     api_batching: bool = Field(
         True, description="Join the scoring calls an API worker makes while earlier ones are "
-        "out into one call to the ranking service (models/batching.py)."
+        "out into one call to the ranking service (models/serving/batching.py)."
     )
     # Measured on 2 cores at 64 clients: 1 and 2 alike for 1-row /score (~2,900 vs ~2,830
     # req/s), 2 better for /recommend (~1,330 vs ~1,270, p99 78 vs 119 ms).
@@ -121,7 +121,7 @@ class RecsysSettings(BaseSettings):
         "readiness probes needs 'Authorization: Bearer <key>'.",
     )
 
-    # Drift monitoring (models/drift.py).
+    # Drift monitoring (models/core/drift.py).
     drift_enabled: bool = Field(True, description="Count served rows for /drift and the PSI gauges.")
     drift_window_s: float = Field(300.0, gt=0, description="Drift window: the last N seconds.")
     drift_window_rows: int | None = Field(

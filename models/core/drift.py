@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from models.schema import FEATURE_NAMES, N_FEATURES
+from models.core.schema import FEATURE_NAMES, N_FEATURES
 
 PROFILE_FILE = "reference_profile.json"
 N_BINS = 10

@@ -19,8 +19,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError, ValidationError
 
-from models.schema import FEATURES
-
+from models.core.schema import FEATURES
 
 # Ids are JSON strings, also where a dataset's ids are numbers ("318", not 318): one type,
 # documented as it is validated (BentoML's OpenAPI keeps only the first member of a union).
