@@ -199,8 +199,7 @@ class ApiService:
     @bentoml.on_startup
     async def start_drift_flusher(self) -> None:
         await asyncio.gather(*(proxy.__aenter__() for proxy in self._more_rankers))
-        loop = asyncio.get_running_loop()
-        self._flushers = [loop.create_task(v.drift.flush_forever()) for v in self.ranking.variants]
+        self._flushers = [v.drift.start_flusher() for v in self.ranking.variants]
         freeze_startup_heap()
 
     async def _score(self, variant: Variant, features: np.ndarray) -> np.ndarray:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -164,7 +165,10 @@ class DriftCounter:
     Rows are binned in batches of about `batch_rows`: a search over 200 rows cost about as
     much in fixed numpy overhead as in work (and a 1-row /score request nearly all overhead).
     Rows wait for their batch at most until their time bucket ends or the next `flush`, and
-    are always counted in the bucket they arrived in."""
+    are always counted in the bucket they arrived in.
+
+    Thread-safe: the service adds rows on its event loop while `/drift` (a plain `def` API,
+    run in a worker thread) flushes; one lock keeps the waiting rows and the counts whole."""
 
     def __init__(self, layout: BinLayout, folder: Path, name: str, window_s: float, n_buckets: int = 30,
                  batch_rows: int = 2048) -> None:  # fmt: skip
@@ -179,6 +183,7 @@ class DriftCounter:
         self._rows: list[tuple[np.ndarray, np.ndarray]] = []  # waiting to be binned
         self._rows_n = 0
         self._rows_bucket = -1
+        self._lock = threading.Lock()
         folder.mkdir(parents=True, exist_ok=True)
 
     def _slot(self, bucket: int) -> int:
@@ -191,17 +196,22 @@ class DriftCounter:
     def add(self, features: np.ndarray, scores: np.ndarray, requests: int = 1, cold: int = 0,
             now: float | None = None) -> None:  # fmt: skip
         bucket = int((time.time() if now is None else now) // self.width)
-        if self._rows and bucket != self._rows_bucket:
-            self._bin_waiting()  # into their own bucket, before its slot can be reused
-        slot = self._slot(bucket)
-        self.counts[slot, self.layout.requests_slot] += requests
-        self.counts[slot, self.layout.cold_slot] += cold
-        if len(features):
-            self._rows.append((features, scores))
-            self._rows_n += len(features)
-            self._rows_bucket = bucket
-            if self._rows_n >= self.batch_rows:
-                self._bin_waiting()
+        with self._lock:
+            if self._rows and bucket != self._rows_bucket:
+                self._bin_waiting()  # into their own bucket, before its slot can be reused
+            slot = self._slot(bucket)
+            self.counts[slot, self.layout.requests_slot] += requests
+            self.counts[slot, self.layout.cold_slot] += cold
+            if len(features):
+                self._rows.append((features, scores))
+                self._rows_n += len(features)
+                self._rows_bucket = bucket
+                if self._rows_n >= self.batch_rows:
+                    self._bin_waiting()
+
+    def requests(self) -> int:
+        with self._lock:
+            return int(self.counts[:, self.layout.requests_slot].sum())
 
     def _bin_waiting(self) -> None:
         if not self._rows:
@@ -212,13 +222,24 @@ class DriftCounter:
         self._rows.clear()
         self._rows_n = 0
 
+    def snapshot(self) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of the counts and bucket ids, every waiting row binned."""
+        with self._lock:
+            self._bin_waiting()
+            return self.counts.copy(), self.bucket_ids.copy()
+
     def flush(self) -> None:
-        """Write the counts for other workers to merge (atomically: write, then rename)."""
-        self._bin_waiting()
+        """Write the counts for other workers to merge (atomically: write, then rename).
+        The file is written outside the lock, so counting never waits for the disk."""
+        counts, bucket_ids = self.snapshot()
         fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, counts=self.counts, bucket_ids=self.bucket_ids, width=self.width)
-        os.replace(tmp, self.path)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(fh, counts=counts, bucket_ids=bucket_ids, width=self.width)
+            os.replace(tmp, self.path)
+        except OSError:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def merged_counts(folder: Path, size: int, window_s: float | None, window_rows: int | None,

@@ -294,12 +294,12 @@ def metrics_dir_per_serve() -> None:
         return
     for old in base.glob("serve-*"):
         pid = old.name.removeprefix("serve-")
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
     provider.set(str(base / f"serve-{os.getpid()}"))
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

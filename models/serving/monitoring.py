@@ -7,9 +7,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import os
 import random
+import shutil
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,8 +21,10 @@ import bentoml
 import numpy as np
 
 from models.core.drift import DriftCounter, ReferenceProfile, drift_report, merged_counts
+from models.serving.bentoml_patches import pid_alive
 from models.serving.settings import RecsysSettings
 
+log = logging.getLogger("recsys.monitoring")
 MONITOR_NAME = "recsys_ranking"
 _GAUGE_REFRESH_S = 10.0
 
@@ -35,19 +40,56 @@ def _psi_gauge() -> Any:
     )
 
 
+@functools.cache
+def _flush_errors() -> Any:
+    return bentoml.metrics.Counter(
+        name="recsys_drift_flush_errors_total",
+        documentation="Failed writes or merges of drift counts, by model version and error type",
+        labelnames=["model_version", "error"],
+    )
+
+
+# What writing our counts or reading the other workers' can raise: the disk (full,
+# unwritable, the folder removed) and a damaged file (np.load). Anything else is a bug, and
+# the flusher's done-callback logs it.
+COUNT_FILE_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile)
+
+
+def remove_dead_owners(drift_dir: Path) -> None:
+    """Drift folders of serve processes that are gone, and in the live ones the count files
+    of workers that are gone: they would count as workers in /drift forever."""
+    if not drift_dir.is_dir():
+        return
+    for serve in drift_dir.iterdir():
+        if serve.is_dir() and serve.name.isdigit() and not pid_alive(int(serve.name)):
+            shutil.rmtree(serve, ignore_errors=True)
+            continue
+        for path in serve.glob("*/*.npz"):
+            pid = path.stem.rpartition("-")[2]
+            if pid.isdigit() and not pid_alive(int(pid)):
+                path.unlink(missing_ok=True)
+
+
 class DriftMonitor:
     """One per worker. Counts go to a folder shared by every worker of this serve process
-    (keyed by the serve process id and the model version), so reports are per service."""
+    (keyed by the serve process id and the model version), so reports are per service.
+
+    Counting is supervised: a failed write or merge is logged once (until it works again),
+    counted in `recsys_drift_flush_errors_total`, and shown in the report as
+    `counting.ok = false`; the flusher keeps going."""
 
     def __init__(self, settings: RecsysSettings, model_tag: str, model_folder: Path, role: str) -> None:
         self.settings = settings
         self.model_tag = model_tag
         self.profile = ReferenceProfile.load(model_folder)
+        remove_dead_owners(settings.drift_dir)
         self.folder = settings.drift_dir / str(os.getppid()) / model_tag.replace(":", "-")
         self.counter = DriftCounter(self.profile.layout(), self.folder, role, settings.drift_window_s)
         self._gauge_at = 0.0
         self._psi = _psi_gauge()
         self._sample = random.Random()
+        self._failure: str | None = None  # the current streak's first error
+        self._failures = 0
 
     async def flush_forever(self, every_s: float = 1.0) -> None:
         """Write this worker's counts every second while they change, so that a merged
@@ -56,14 +98,52 @@ class DriftMonitor:
         last = -1
         while True:
             await asyncio.sleep(every_s)
-            total = int(self.counter.counts[:, self.counter.layout.requests_slot].sum())
-            if total != last:
-                self.counter.flush()
+            total = self.counter.requests()
+            if total != last and self._flush():
                 last = total
             now = time.time()
             if self.settings.drift_enabled and now - self._gauge_at >= _GAUGE_REFRESH_S:
                 self._gauge_at = now
                 self.report()
+
+    def start_flusher(self) -> asyncio.Task[None]:
+        """The flusher as a task whose unexpected end is an ERROR in the log, not silence."""
+        task = asyncio.get_running_loop().create_task(self.flush_forever())
+        task.add_done_callback(self._flusher_ended)
+        return task
+
+    def _flusher_ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        err = task.exception()
+        if err is not None:
+            self._failed(err)
+            log.error("drift counting of %s stopped: %r", self.model_tag, err, exc_info=err)
+
+    def _flush(self) -> bool:
+        try:
+            self.counter.flush()
+        except COUNT_FILE_ERRORS as err:
+            self._failed(err)
+            return False
+        self._recovered()
+        return True
+
+    def _failed(self, err: BaseException) -> None:
+        _flush_errors().labels(model_version=self.model_tag, error=type(err).__name__).inc()
+        self._failures += 1
+        if self._failure is None:
+            self._failure = f"{type(err).__name__}: {err}"
+            log.error("drift counting of %s is impaired (%s under %s); it keeps trying",
+                      self.model_tag, self._failure, self.folder)  # fmt: skip
+
+    def _recovered(self) -> None:
+        if self._failure is not None:
+            log.warning("drift counting of %s works again after %d failures", self.model_tag, self._failures)
+            self._failure = None
+
+    def counting(self) -> dict[str, Any]:
+        return {"ok": self._failure is None, "error": self._failure, "failures": self._failures}
 
     def observe(self, features: np.ndarray, scores: np.ndarray, cold: bool, endpoint: str) -> None:
         if not self.settings.drift_enabled:
@@ -86,18 +166,24 @@ class DriftMonitor:
                     data_type="numerical_sequence")  # fmt: skip
 
     def report(self) -> dict[str, Any]:
-        """Merge every worker's counts in the window, compute the statistics, set gauges."""
+        """Merge every worker's counts in the window, compute the statistics, set gauges.
+        With counting impaired, the report is of what the files hold, and says so."""
         if not self.settings.drift_enabled:
             return {"model_version": self.model_tag, "enabled": False}
-        self.counter.flush()
+        self._flush()
         s = self.settings
-        counts, workers = merged_counts(self.folder, self.counter.layout.size, s.drift_window_s, s.drift_window_rows)
+        try:
+            counts, workers = merged_counts(self.folder, self.counter.layout.size, s.drift_window_s, s.drift_window_rows)
+        except COUNT_FILE_ERRORS as err:
+            self._failed(err)
+            counts, workers = np.zeros(self.counter.layout.size, dtype=np.int64), 0
         report = drift_report(self.profile, counts, s.drift_warn, s.drift_alert)
         for name, values in report["features"].items():
             self._psi.labels(feature=name, model_version=self.model_tag).set(values["psi"])
         self._psi.labels(feature="__score__", model_version=self.model_tag).set(report["score"]["psi"])
         window = {"rows": s.drift_window_rows} if s.drift_window_rows else {"seconds": s.drift_window_s}
-        return {"model_version": self.model_tag, "window": window, "workers": workers, **report}
+        return {"model_version": self.model_tag, "window": window, "workers": workers,
+                "counting": self.counting(), **report}  # fmt: skip
 
 
 def logged_records(logs: Path, name: str, model_tag: str, hint: str = "") -> Iterator[dict[str, Any]]:

@@ -143,3 +143,40 @@ def test_one_search_counts_like_one_search_per_column(seed: int, n: int, scale: 
     features = np.vstack([reference[rng.integers(0, 400, n)], rng.normal(size=(n, N_FEATURES)) * scale]).astype(np.float32)
     scores = np.concatenate([rng.normal(size=n), rng.normal(size=n) * scale]).astype(np.float32)
     assert (layout.count(features, scores) == _count_per_column(layout, features, scores)).all()
+
+
+def test_counting_and_flushing_at_once_lose_no_row(profile: ReferenceProfile, tmp_path: Path) -> None:
+    """`/drift` flushes in a worker thread while the event loop adds rows: no shape error,
+    and every added row is counted once."""
+    import sys
+    import threading
+
+    layout = profile.layout()
+    counter = DriftCounter(layout, tmp_path, "api", window_s=3600, n_buckets=2, batch_rows=64)
+    n_adds, errors = 4000, []
+    done = threading.Event()
+
+    def flush_often() -> None:
+        try:
+            while not done.is_set():
+                counter.flush()
+        except (ValueError, OSError) as err:  # the failure this test is about
+            errors.append(err)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: races show at once
+    flusher = threading.Thread(target=flush_often)
+    flusher.start()
+    try:
+        for i in range(n_adds):
+            counter.add(REFERENCE[i : i + 1], REF_SCORES[i : i + 1], now=1_000_000.0)
+    finally:
+        done.set()
+        flusher.join()
+        sys.setswitchinterval(old)
+    counter.flush()
+    assert not errors, errors[0]
+    counts, _ = counter.snapshot()
+    per_feature = counts.sum(axis=0)[layout.feature_offsets[0] : layout.feature_offsets[1]].sum()
+    assert per_feature == n_adds, f"counted {per_feature} rows, added {n_adds}"
+    assert counter.requests() == n_adds
