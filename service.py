@@ -50,7 +50,7 @@ from models.serving.variants import Variant
 
 settings = RecsysSettings()  # configuration only: decorators below need it at import
 cache_media_types()
-separate_monitor_logs()
+separate_monitor_logs(settings.monitor_max_bytes, settings.monitor_backups)
 skip_unexported_tracing()
 metrics_dir_per_serve()
 cap_batch_wait(settings.max_batch_wait_ms / 1000)

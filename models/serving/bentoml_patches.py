@@ -30,7 +30,8 @@ on one home; the tests run several). `metrics_dir_per_serve` gives each serve pr
 folder of its own below it, and removes those of serve processes that are gone.
 
 Monitor logs: every `bentoml.monitor` name shares two process-wide loggers, so a second
-monitor name in a worker took over the first one's records (`separate_monitor_logs`).
+monitor name in a worker took over the first one's records; its files were never pruned,
+and were written on the event loop (`separate_monitor_logs`).
 
 OpenAPI truthfulness (`/docs.json`):
 - BentoML documents a 400 body as `{"error": str, "detail": str}` but sends `detail` as the
@@ -46,13 +47,20 @@ OpenAPI truthfulness (`/docs.json`):
 
 from __future__ import annotations
 
+import atexit
 import importlib
+import logging
+import logging.handlers
 import os
+import queue
 import shutil
 import signal
+import sys
 import threading
+from pathlib import Path
 from typing import Any
 
+_log = logging.getLogger("recsys.bentoml_patches")
 _ERROR_ITEM = {
     "type": "object",
     "properties": {
@@ -209,52 +217,107 @@ def cap_batch_wait(max_wait_s: float) -> None:
     optimizer.trigger_refresh = _replacing(original, trigger_refresh)
 
 
-def separate_monitor_logs() -> None:
-    """Give each `bentoml.monitor` name loggers of its own.
+class _RecordQueueHandler(logging.handlers.QueueHandler):
+    """Hands each record to the writer thread as it is: the JSON encoding (a sampled
+    /recommend record is ~57 KB) and the write happen there, not on the event loop. A full
+    queue drops the record and counts it: logging must never slow or fail a request."""
+
+    def __init__(self, q: queue.Queue[Any], monitor: str) -> None:
+        super().__init__(q)
+        self.monitor = monitor
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record  # formatted by the file handler, in the writer thread
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            monitor_log_failed(self.monitor, "queue_full")
+
+
+class _BoundedFileHandler(logging.handlers.RotatingFileHandler):
+    """At most `backups + 1` files of `max_bytes` each; a failed write is counted and
+    logged once, never raised."""
+
+    def __init__(self, path: Path, max_bytes: int, backups: int, monitor: str) -> None:
+        super().__init__(path, maxBytes=max_bytes, backupCount=backups, delay=True)
+        self.monitor = monitor
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        monitor_log_failed(self.monitor, "write_failed", sys.exc_info()[1])
+
+
+_failures_logged: set[tuple[str, str]] = set()
+_listeners: list[logging.handlers.QueueListener] = []
+
+
+def monitor_log_failed(monitor: str, reason: str, err: BaseException | None = None) -> None:
+    from models.serving.monitoring import monitor_log_errors
+
+    monitor_log_errors().labels(monitor=monitor, reason=reason).inc()
+    if (monitor, reason) not in _failures_logged:  # once per monitor and reason
+        _failures_logged.add((monitor, reason))
+        _log.error("monitor log %s: %s (%r); records are dropped and counted in "
+                   "recsys_monitor_log_errors_total", monitor, reason, err)  # fmt: skip
+
+
+def drain_monitor_logs() -> None:
+    """Wait until the writer threads have written every record queued so far."""
+    for listener in _listeners:
+        listener.queue.join()  # type: ignore[attr-defined]
+
+
+def separate_monitor_logs(max_bytes: int, backups: int, queue_size: int = 10_000) -> None:
+    """Give each `bentoml.monitor` name loggers of its own, bounded files, and a writer
+    thread.
 
     BentoML's DefaultMonitor configures the process-wide loggers `bentoml_monitor_data` and
     `bentoml_monitor_schema` for whichever monitor logs first, then for the next one: with
     two monitor names in one worker (drift samples, the request log, the shadow log) every
-    record went to the files of the last one initialised. Here each monitor gets the same
-    files and JSON format as BentoML's default config, on loggers named after the monitor.
-    A user's own log_config_file is left to BentoML."""
+    record went to the files of the last one initialised. Its files also rotate daily with
+    no limit on how many are kept (about 6 GB a day at our default sample), encode JSON on
+    the caller's thread (the event loop), and a folder that cannot be written failed the
+    request. Here each monitor gets BentoML's file layout and JSON format, on loggers named
+    after the monitor, in at most `backups + 1` files of `max_bytes` per worker, written by
+    a thread. A user's own log_config_file is left to BentoML."""
     monitoring = importlib.import_module("bentoml._internal.monitoring.default")
     monitor_cls = monitoring.DefaultMonitor
     current = monitor_cls._init_logger
-    if getattr(current, _PATCHED, False):
-        return
-    original = current
+    original = current.__wrapped__ if getattr(current, _PATCHED, False) else current
 
     def _init_logger(self: Any) -> None:
         if self.log_config_file is not None:
             original(self)
             return
-        import logging.handlers
-        from pathlib import Path
-
         from bentoml._internal.context import server_context
         from pythonjsonlogger.json import JsonFormatter
 
         worker = server_context.worker_index or 0
         for kind in ("data", "schema"):
-            path = Path(self.log_path, self.name, kind, f"{kind}.{worker}.log").absolute()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            handler: logging.Handler = (
-                logging.handlers.TimedRotatingFileHandler(path, when="D")
-                if kind == "data"
-                else logging.handlers.RotatingFileHandler(path)
-            )
-            handler.setFormatter(JsonFormatter("()", validate=False))
             logger = logging.getLogger(f"bentoml_monitor_{kind}.{self.name}")
             for old in logger.handlers:
                 old.close()
-            logger.handlers = [handler]
             logger.setLevel(logging.INFO)
             logger.propagate = False
             setattr(self, f"{kind}_logger", logger)
+            path = Path(self.log_path, self.name, kind, f"{kind}.{worker}.log").absolute()
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                monitor_log_failed(self.name, "unwritable_dir", err)
+                logger.handlers = [logging.NullHandler()]
+                continue
+            handler = _BoundedFileHandler(path, max_bytes, backups, self.name)
+            handler.setFormatter(JsonFormatter("()", validate=False))
+            records: queue.Queue[Any] = queue.Queue(queue_size)
+            listener = logging.handlers.QueueListener(records, handler)
+            listener.start()
+            _listeners.append(listener)
+            atexit.register(listener.stop)  # writes what is still queued
+            logger.handlers = [_RecordQueueHandler(records, self.name)]
 
     monitor_cls._init_logger = _replacing(original, _init_logger)
-
 
 
 def skip_unexported_tracing() -> None:
@@ -284,8 +347,6 @@ def metrics_dir_per_serve() -> None:
     point BentoML's Prometheus folder at `<its default>/serve-<pid>`."""
     if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
         return
-    from pathlib import Path
-
     from bentoml._internal.configuration.containers import BentoMLContainer
 
     provider = BentoMLContainer.prometheus_multiproc_dir

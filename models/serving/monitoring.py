@@ -49,6 +49,15 @@ def _flush_errors() -> Any:
     )
 
 
+@functools.cache
+def monitor_log_errors() -> Any:
+    return bentoml.metrics.Counter(
+        name="recsys_monitor_log_errors_total",
+        documentation="Monitor-log records not written (queue_full, write_failed, unwritable_dir), by monitor",
+        labelnames=["monitor", "reason"],
+    )
+
+
 # What writing our counts or reading the other workers' can raise: the disk (full,
 # unwritable, the folder removed) and a damaged file (np.load). Anything else is a bug, and
 # the flusher's done-callback logs it.

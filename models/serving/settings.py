@@ -137,6 +137,14 @@ class RecsysSettings(BaseSettings):
     monitor_sample: float = Field(
         0.001, ge=0, le=1, description="Share of requests whose features and scores are logged."
     )
+    # Bound: workers x monitor names (3) x (backups + 1) x max bytes; the default sample wrote
+    # about 6 GB a day before the files were bounded.
+    monitor_max_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="Size at which a monitor log file is rotated."
+    )
+    monitor_backups: int = Field(
+        3, ge=0, description="Rotated monitor log files kept per worker and monitor; older ones are deleted."
+    )
 
     def ranker_url_list(self) -> list[str]:
         return [u.strip().rstrip("/") for u in (self.ranker_urls or "").split(",") if u.strip()]

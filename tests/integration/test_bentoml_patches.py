@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -125,18 +126,75 @@ def test_each_monitor_name_writes_its_own_files(
     import bentoml
     from bentoml._internal.monitoring.default import DefaultMonitor
 
-    from models.serving.bentoml_patches import separate_monitor_logs
+    from models.serving.bentoml_patches import drain_monitor_logs, separate_monitor_logs
 
-    separate_monitor_logs()
+    separate_monitor_logs(max_bytes=1 << 20, backups=1)
     if not patched:
         monkeypatch.setattr(DefaultMonitor, "_init_logger", DefaultMonitor._init_logger.__wrapped__)
     names = [f"recsys_test_{tmp_path.name}_{x}" for x in ("a", "b")]
     for name in (names[0], names[1], names[0], names[0]):
         with bentoml.monitor(name, monitor_options={"log_path": str(tmp_path)}) as mon:
             mon.log(name, name="which", role="feature", data_type="categorical")
+    drain_monitor_logs()
     found = {n: [json.loads(line)["which"] for line in (tmp_path / n / "data" / "data.0.log").read_text().splitlines()]
              for n in names}  # fmt: skip
     if patched:
         assert found == {names[0]: [names[0]] * 3, names[1]: [names[1]]}
     else:
         assert found[names[1]] != [names[1]], "BentoML keeps monitor names apart now: drop separate_monitor_logs"
+
+
+def _monitor_lines(name: str, log_path: Path, n: int, payload: int) -> None:
+    import bentoml
+
+    for i in range(n):
+        with bentoml.monitor(name, monitor_options={"log_path": str(log_path)}) as mon:
+            mon.log(i, name="i", role="feature", data_type="numerical")
+            mon.log("x" * payload, name="payload", role="feature", data_type="categorical")
+
+
+@pytest.mark.filterwarnings("ignore:bentoml.metrics module is deprecated:DeprecationWarning")
+def test_monitor_logs_are_bounded_and_written_off_the_callers_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BentoML's own files rotate daily and are never pruned, and it encodes and writes on
+    the caller's thread (the event loop): here at most backups + 1 files of max_bytes per
+    worker, written by a thread, and the newest records are kept."""
+    import threading
+
+    from models.serving import bentoml_patches
+
+    writers: set[str] = set()
+    emit = bentoml_patches._BoundedFileHandler.emit
+
+    def spy(self: Any, record: Any) -> None:
+        writers.add(threading.current_thread().name)
+        emit(self, record)
+
+    monkeypatch.setattr(bentoml_patches._BoundedFileHandler, "emit", spy)
+    max_bytes, backups = 20_000, 2
+    bentoml_patches.separate_monitor_logs(max_bytes=max_bytes, backups=backups)
+    name = f"recsys_bound_{tmp_path.name}"
+    _monitor_lines(name, tmp_path, n=400, payload=500)  # ~200 KB of records
+    bentoml_patches.drain_monitor_logs()
+    files = sorted((tmp_path / name / "data").iterdir())
+    assert len(files) == backups + 1, [f.name for f in files]
+    assert all(f.stat().st_size <= max_bytes + 1_000 for f in files)
+    newest = [json.loads(line)["i"] for line in (tmp_path / name / "data" / "data.0.log").read_text().splitlines()]
+    assert newest[-1] == 399
+    assert writers and threading.current_thread().name not in writers, writers
+
+
+@pytest.mark.filterwarnings("ignore:bentoml.metrics module is deprecated:DeprecationWarning")
+def test_an_unwritable_monitor_folder_never_fails_the_caller(tmp_path: Path) -> None:
+    from models.serving import bentoml_patches
+    from models.serving.monitoring import monitor_log_errors
+
+    bentoml_patches.separate_monitor_logs(max_bytes=1 << 20, backups=1)
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")  # as root, permissions do not stop a write; this does
+    name = f"recsys_unwritable_{tmp_path.name}"
+    _monitor_lines(name, blocked, n=3, payload=10)  # must not raise
+    bentoml_patches.drain_monitor_logs()
+    counted = monitor_log_errors().labels(monitor=name, reason="unwritable_dir")._value.get()
+    assert counted >= 1
