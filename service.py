@@ -180,7 +180,8 @@ class ApiService:
         # BentoML sets up its declared dependency (the first URL); the others are set up in
         # the startup hook below, the same way.
         self._more_rankers = [bentoml.depends(RankerService, url=u).get() for u in RANKER_URLS[1:]]
-        self.rankers = RankerPool([self.ranker, *self._more_rankers], RANKER_URLS or ["local"])
+        self.rankers = RankerPool([self.ranker, *self._more_rankers], RANKER_URLS or ["local"],
+                                  timeout_s=settings.ranker_timeout_s)  # fmt: skip
         # Concurrent scoring calls of this worker go out as one (models/serving/batching.py).
         self.joined = {
             v.score_api: JoinedCalls(functools.partial(self.rankers.call, v.score_api), v.score_api,

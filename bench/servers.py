@@ -67,6 +67,15 @@ class ServerProcess:
         _kill_all(workers)
         return self.proc.returncode
 
+    def freeze(self, frozen: bool = True) -> None:
+        """SIGSTOP (or SIGCONT) the server and every worker: it keeps its sockets, so
+        connections are accepted by the kernel and never answered (a hung service)."""
+        for p in [psutil.Process(self.proc.pid), *self._tree()]:
+            try:
+                p.suspend() if frozen else p.resume()
+            except psutil.NoSuchProcess:
+                continue
+
     def kill(self) -> None:
         """SIGKILL the server and every worker at once: a crash, not a shutdown."""
         workers = self._tree()

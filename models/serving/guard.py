@@ -27,10 +27,24 @@ async def _reply(send: Send, status: int, error: str, headers: dict[str, str] | 
     await send({"type": "http.response.body", "body": body})
 
 
+def _retry_after_on_503(send: Send) -> Send:
+    """A 503 from the service (no ranking service could answer) tells the client when to
+    retry, like the guard's own."""
+
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start" and message["status"] == 503:
+            headers = list(message.get("headers", []))
+            if not any(name.lower() == b"retry-after" for name, _ in headers):
+                message = {**message, "headers": [*headers, (b"retry-after", b"1")]}
+        await send(message)
+
+    return sending
+
+
 class RequestGuard:
     """401 without a valid `Authorization: Bearer <key>` (when keys are set), 415 for a body
     that is not JSON, 413 for bodies over `max_body_bytes`, 503 when `max_in_flight`
-    requests are already being served."""
+    requests are already being served, and Retry-After on every 503."""
 
     def __init__(self, app: ASGIApp, api_keys: list[str], max_body_bytes: int, max_in_flight: int) -> None:
         self.app = app
@@ -84,19 +98,21 @@ class RequestGuard:
             await _reply(send, 413, f"request body of {declared} bytes is over the limit of "
                          f"{self.max_body_bytes} bytes (RECSYS_MAX_BODY_BYTES)")  # fmt: skip
             return
-        if declared is None and scope.get("method") in ("POST", "PUT", "PATCH"):
-            receive, too_large = await self._buffer_body(receive)
-            if too_large:
-                await _reply(send, 413, f"request body is over the limit of {self.max_body_bytes} "
-                             "bytes (RECSYS_MAX_BODY_BYTES)")  # fmt: skip
-                return
+        # The in-flight bound before any buffering: a body is only read into memory for a
+        # request that holds a place, so memory stays within max_in_flight bodies.
         if self._in_flight >= self.max_in_flight:
             await _reply(send, 503, f"overloaded: {self._in_flight} requests in flight in this worker "
                          "(RECSYS_MAX_IN_FLIGHT); retry later", {"retry-after": "1"})  # fmt: skip
             return
         self._in_flight += 1
         try:
-            await self.app(scope, receive, send)
+            if declared is None and scope.get("method") in ("POST", "PUT", "PATCH"):
+                receive, too_large = await self._buffer_body(receive)
+                if too_large:
+                    await _reply(send, 413, f"request body is over the limit of {self.max_body_bytes} "
+                                 "bytes (RECSYS_MAX_BODY_BYTES)")  # fmt: skip
+                    return
+            await self.app(scope, receive, _retry_after_on_503(send))
         finally:
             self._in_flight -= 1
 

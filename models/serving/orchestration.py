@@ -7,18 +7,19 @@ the response path. service.py gives it a `score` function that calls the ranking
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-import aiohttp
 import numpy as np
-from bentoml.exceptions import ServiceUnavailable
+from bentoml.exceptions import BentoMLException
 from pydantic import ValidationError
 
 from models.core.recommender import UnknownItemsError
 from models.core.schema import FEATURE_DTYPE, N_FEATURES
 from models.serving.api_schema import RankResponse, RecommendResponse, input_error
+from models.serving.rankers import RANKER_FAILURES
 from models.serving.settings import RecsysSettings
 from models.serving.variants import TrafficLog, Variant, routes_to_challenger
 
@@ -26,6 +27,10 @@ ScoreFn = Callable[[Variant, np.ndarray], Awaitable[np.ndarray]]
 NO_ROWS = np.zeros((0, N_FEATURES), dtype=FEATURE_DTYPE)
 NO_SCORES = np.zeros(0, dtype=FEATURE_DTYPE)
 Ranked = RecommendResponse | RankResponse
+log = logging.getLogger("recsys.shadow")
+# How a challenger's ranking can fail: the ranking service (any way), or the request itself
+# (a /rank item the challenger's catalog does not know is a validation error).
+SHADOW_FAILURES: tuple[type[BaseException], ...] = (*RANKER_FAILURES, BentoMLException, ValidationError)
 
 
 class Ranking:
@@ -121,7 +126,17 @@ class Ranking:
         items = [i.item_id for i in served.items]
         task = asyncio.get_running_loop().create_task(self._run_shadow(endpoint, user_id, items, run))
         self._shadow_tasks.add(task)
-        task.add_done_callback(self._shadow_tasks.discard)
+        task.add_done_callback(self._shadow_done)
+
+    def _shadow_done(self, task: asyncio.Task[None]) -> None:
+        """Anything _run_shadow did not expect is a bug: counted and logged, not lost."""
+        self._shadow_tasks.discard(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        err = task.exception()
+        assert self.challenger is not None and err is not None
+        self.traffic.shadow_failed(self.challenger.tag, err)
+        log.error("shadow ranking by %s failed unexpectedly: %r", self.challenger.tag, err, exc_info=err)
 
     async def _run_shadow(self, endpoint: str, user_id: str, served: list[str],
                           run: Coroutine[Any, Any, Ranked]) -> None:  # fmt: skip
@@ -129,8 +144,10 @@ class Ranking:
         start = time.perf_counter()
         try:
             result = await run
-        except (ServiceUnavailable, ValidationError, aiohttp.ClientError) as err:
-            self.traffic.shadow_failed(self.challenger.tag, err)
+        except SHADOW_FAILURES as err:
+            if self.traffic.shadow_failed(self.challenger.tag, err):
+                log.warning("shadow ranking by %s failed: %s: %s (logged once per error type; "
+                            "all counted in recsys_shadow_total)", self.challenger.tag, type(err).__name__, err)  # fmt: skip
             return
         self.traffic.log_shadow(endpoint, user_id, (self.champion.tag, served),
                                 (self.challenger.tag, [i.item_id for i in result.items]), time.perf_counter() - start)  # fmt: skip

@@ -85,6 +85,10 @@ class RecsysSettings(BaseSettings):
 
     # Separate scaling: the API calls ranking services started on their own
     # (`bentoml serve service:RankerService`), and spawns none itself.
+    ranker_timeout_s: float = Field(
+        10.0, gt=0, description="Longest wait for one call to a ranking service; then the next one "
+        "is tried (and this one skipped for a while), and with none left the request is a 503."
+    )
     ranker_urls: str | None = Field(
         None, description="Comma-separated URLs of ranking services run on their own; requests "
         "go round-robin, and a ranking service that refuses connections is skipped for a while."

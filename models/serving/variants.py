@@ -82,6 +82,7 @@ class TrafficLog:
         self.settings = settings
         self._sample = random.Random()
         self._options = {"log_path": str(settings.monitor_dir)}
+        self._shadow_failures_seen: set[tuple[str, str]] = set()
 
     def served(self, endpoint: str, variant: str, model_tag: str, seconds: float) -> None:
         m = _metrics()
@@ -116,5 +117,10 @@ class TrafficLog:
                     data_type="numerical")  # fmt: skip
             mon.log(seconds, name="challenger_seconds", role="feature", data_type="numerical")
 
-    def shadow_failed(self, model_tag: str, error: BaseException) -> None:
-        _metrics()["shadow"].labels(model_version=model_tag, outcome=type(error).__name__).inc()
+    def shadow_failed(self, model_tag: str, error: BaseException) -> bool:
+        """Count a failed shadow ranking; True the first time this error type is seen."""
+        outcome = type(error).__name__
+        _metrics()["shadow"].labels(model_version=model_tag, outcome=outcome).inc()
+        first = (model_tag, outcome) not in self._shadow_failures_seen
+        self._shadow_failures_seen.add((model_tag, outcome))
+        return first

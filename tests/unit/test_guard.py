@@ -80,3 +80,63 @@ def test_body_limit(headers: dict[str, str], chunks: list[bytes], status: int) -
         assert body == b"".join(chunks)  # a buffered body is replayed intact
     else:
         assert "over the limit of 100 bytes" in json.loads(body)["error"]
+
+
+def test_in_flight_bound_comes_before_buffering_a_body() -> None:
+    """Slow chunked uploads beyond max_in_flight are refused before any of their body is
+    read: memory holds at most max_in_flight bodies."""
+    limit, clients = 3, 20
+    guard = RequestGuard(echo_app, api_keys=[], max_body_bytes=10_000, max_in_flight=limit)
+
+    async def scenario() -> tuple[list[int], int]:
+        release = asyncio.Event()
+        reading: set[int] = set()
+
+        async def upload(n: int) -> int:
+            chunks = [b"x" * 1000, b"x" * 1000]
+            scope = {"type": "http", "method": "POST", "path": "/score", "headers": []}
+            status: list[int] = []
+
+            async def receive() -> dict[str, Any]:
+                reading.add(n)
+                await release.wait()  # a slow client: the rest of its body comes later
+                chunk = chunks.pop(0) if chunks else b""
+                return {"type": "http.request", "body": chunk, "more_body": bool(chunks)}
+
+            async def send(message: dict[str, Any]) -> None:
+                if message["type"] == "http.response.start":
+                    status.append(message["status"])
+
+            await guard(scope, receive, send)
+            return status[0]
+
+        tasks = [asyncio.create_task(upload(n)) for n in range(clients)]
+        for _ in range(50):
+            await asyncio.sleep(0)
+        buffering = len(reading)
+        release.set()
+        return list(await asyncio.gather(*tasks)), buffering
+
+    statuses, buffering = asyncio.run(scenario())
+    assert buffering == limit, f"{buffering} bodies were being read at once, the bound is {limit}"
+    assert sorted(statuses) == [200] * limit + [503] * (clients - limit)
+
+
+def test_a_503_from_the_service_carries_retry_after() -> None:
+    async def unavailable(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 503, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": b'{"error": "ranking service unavailable"}'})
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    guard = RequestGuard(unavailable, api_keys=[], max_body_bytes=100, max_in_flight=10)
+    scope = {"type": "http", "method": "POST", "path": "/recommend", "headers": [(b"content-length", b"2")]}
+    asyncio.run(guard(scope, receive, send))
+    assert sent[0]["status"] == 503
+    assert (b"retry-after", b"1") in sent[0]["headers"]
