@@ -7,6 +7,11 @@ Both Deployments run the same image (`bentoml containerize`), each serving one s
 (see `server_args`): the ranking service, and the API service pointed at the ranking
 Service by RECSYS_RANKER_URLS. Each has a Service and a
 HorizontalPodAutoscaler, probes on /readyz and /livez, and runs as BentoML's non-root user.
+The internal hop is closed twice: both read RECSYS_RANKER_TOKEN from the Secret
+`recsys-ranker-token` (key `token`; create it with
+`kubectl create secret generic recsys-ranker-token --from-literal=token=$(openssl rand -hex 32)`),
+and a NetworkPolicy lets only the API pods (and Prometheus, for /metrics) reach the
+ranking pods.
 """
 
 from __future__ import annotations
@@ -21,6 +26,10 @@ import yaml
 BENTO_UID = 1034
 PORT = 3000
 DEFAULT_IMAGE = "recsys:latest"
+TOKEN_SECRET = "recsys-ranker-token"
+RANKER, API = "recsys-ranker", "recsys-api"
+# Pods that may scrape the ranking pods' /metrics (any namespace).
+PROMETHEUS_LABELS = {"app.kubernetes.io/name": "prometheus"}
 
 
 def server_args(service_name: str) -> list[str]:
@@ -57,7 +66,7 @@ def _deployment(name: str, service: Any, image: str, env: dict[str, str], replic
                         "args": args,
                         "ports": [{"name": "http", "containerPort": PORT}],
                         "env": [{"name": k, "value": v} for k, v in
-                                {"BENTOML_DO_NOT_TRACK": "true", **env}.items()],
+                                {"BENTOML_DO_NOT_TRACK": "true", **env}.items()] + [_token_env()],
                         "resources": {
                             "requests": {"cpu": str(resources.get("cpu", "1")), "memory": str(resources.get("memory", "1Gi"))},
                             "limits": {"memory": str(resources.get("memory", "1Gi"))},
@@ -71,6 +80,32 @@ def _deployment(name: str, service: Any, image: str, env: dict[str, str], replic
             },
         },
     }
+
+
+def _token_env() -> dict[str, Any]:
+    """The internal token from its Secret; optional, so that the manifests apply before the
+    Secret exists (then the hop is open, as it is without RECSYS_RANKER_TOKEN)."""
+    return {"name": "RECSYS_RANKER_TOKEN",
+            "valueFrom": {"secretKeyRef": {"name": TOKEN_SECRET, "key": "token", "optional": True}}}  # fmt: skip
+
+
+def _ranker_network_policy() -> dict[str, Any]:
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": RANKER, "labels": {"app.kubernetes.io/part-of": "recsys"}},
+        "spec": {
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": RANKER}},
+            "policyTypes": ["Ingress"],
+            "ingress": [{
+                "from": [
+                    {"podSelector": {"matchLabels": {"app.kubernetes.io/name": API}}},
+                    {"namespaceSelector": {}, "podSelector": {"matchLabels": PROMETHEUS_LABELS}},
+                ],
+                "ports": [{"protocol": "TCP", "port": PORT}],
+            }],
+        },
+    }  # fmt: skip
 
 
 def _service(name: str) -> dict[str, Any]:
@@ -101,14 +136,13 @@ def _autoscaler(name: str, min_replicas: int, max_replicas: int) -> dict[str, An
 def render(image: str = DEFAULT_IMAGE) -> list[dict[str, Any]]:
     import service
 
-    ranker, api = "recsys-ranker", "recsys-api"
     docs: list[dict[str, Any]] = []
     for name, svc, env in (
-        (ranker, service.RankerService, {}),
-        (api, service.ApiService, {"RECSYS_RANKER_URLS": f"http://{ranker}:{PORT}"}),
+        (RANKER, service.RankerService, {}),
+        (API, service.ApiService, {"RECSYS_RANKER_URLS": f"http://{RANKER}:{PORT}"}),
     ):
         docs += [_deployment(name, svc, image, env, replicas=2), _service(name), _autoscaler(name, 2, 10)]
-    return docs
+    return [*docs, _ranker_network_policy()]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -368,3 +368,18 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True  # someone else's process
     return True
+
+
+def authorize_dependency(proxy: Any, token: str) -> None:
+    """Send `Authorization: Bearer <token>` on every call of a `bentoml.depends` client.
+
+    BentoML 1.4's RemoteProxy takes no token (its AsyncClient reads one only from
+    BENTO_CLOUD_API_KEY, its cloud's variable); its sessions are made from the client's
+    `default_headers`, so the header goes there (and into a session already made)."""
+    client = proxy.to_async
+    value = f"Bearer {token}"
+    client.default_headers["Authorization"] = value
+    manager = client._session_manager
+    manager._headers["Authorization"] = value
+    if manager._session is not None:
+        manager._session.headers["Authorization"] = value

@@ -142,3 +142,26 @@ class RequestGuard:
             return await receive()
 
         return replay, False
+
+
+class TokenGuard:
+    """The ranking service's door: every request but the probes and /metrics needs
+    `Authorization: Bearer <token>`, the internal token the API services send. Without it,
+    anything that can reach the ranking service's port could have it score."""
+
+    OPEN_PATHS = PROBE_PATHS | {"/metrics"}
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        if not token:
+            raise ValueError("TokenGuard needs a non-empty token (RECSYS_RANKER_TOKEN)")
+        self.app = app
+        self._expected = b"bearer " + token.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in self.OPEN_PATHS:
+            given = next((v for k, v in scope.get("headers", []) if k == b"authorization"), b"")
+            if not hmac.compare_digest(given[:7].lower() + given[7:].strip(), self._expected):
+                await _reply(send, 401, "the ranking service needs the internal token "
+                             "('Authorization: Bearer <RECSYS_RANKER_TOKEN>')", {"www-authenticate": "Bearer"})  # fmt: skip
+                return
+        await self.app(scope, receive, send)

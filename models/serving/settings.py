@@ -94,6 +94,12 @@ class RecsysSettings(BaseSettings):
         "go round-robin, and a ranking service that refuses connections is skipped for a while."
     )
 
+    ranker_token: SecretStr | None = Field(
+        None, description="Internal token of the ranking service: when set, it answers only "
+        "calls that carry it (the API services send it); probes and /metrics stay open. Set the "
+        "same value on both services (in Kubernetes, the Secret recsys-ranker-token)."
+    )
+
     # The public API service.
     # Tuned on 2 cores (bench/perf.py): two API workers beside one ranking worker served
     # /recommend ~15% faster than one; the access log costs ~5% (/metrics counts requests).
@@ -115,6 +121,10 @@ class RecsysSettings(BaseSettings):
     max_k: int = Field(100, ge=1, description="Largest k accepted by /recommend.")
     max_rank_items: int = Field(1000, ge=1, description="Most item_ids accepted by /rank.")
     max_score_rows: int = Field(10_000, ge=1, description="Most rows accepted by /score.")
+    offload_rows: int = Field(
+        1000, ge=1, description="/score requests of at least this many rows build their matrix "
+        "and count their drift in a thread, off the event loop that serves the other requests."
+    )
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body (413 above).")
     max_in_flight: int = Field(
         256, ge=1, description="Requests served at once per API worker; more are a 503 at once."

@@ -198,3 +198,18 @@ def test_an_unwritable_monitor_folder_never_fails_the_caller(tmp_path: Path) -> 
     bentoml_patches.drain_monitor_logs()
     counted = monitor_log_errors().labels(monitor=name, reason="unwritable_dir")._value.get()
     assert counted >= 1
+
+
+def test_dependency_clients_take_no_token_so_the_header_is_set_by_hand() -> None:
+    """BentoML's RemoteProxy (what `bentoml.depends` gives) has no token parameter: if it
+    gets one, `authorize_dependency` can go."""
+    import inspect
+
+    from _bentoml_impl.client import RemoteProxy
+
+    from models.serving.bentoml_patches import authorize_dependency
+
+    assert "token" not in inspect.signature(RemoteProxy.__init__).parameters
+    proxy = RemoteProxy("http://127.0.0.1:9")
+    authorize_dependency(proxy, "t0ken")
+    assert proxy.to_async._session_manager._headers["Authorization"] == "Bearer t0ken"

@@ -45,6 +45,30 @@ def test_deployment_follows_the_service_declaration(name: str, service_name: str
     assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
     assert container["args"] == server_args(service_name)
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
-    env = {e["name"]: e["value"] for e in container.get("env", [])}
+    env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+    token = [e["valueFrom"]["secretKeyRef"] for e in container["env"] if e["name"] == "RECSYS_RANKER_TOKEN"]
+    assert token == [{"name": "recsys-ranker-token", "key": "token", "optional": True}]
     if name == "recsys-api":  # the API finds the ranking Service by URL and spawns none
         assert env["RECSYS_RANKER_URLS"] == "http://recsys-ranker:3000"
+
+
+def test_only_the_api_pods_and_prometheus_reach_the_ranking_pods() -> None:
+    """The NetworkPolicy selects the ranking pods, allows ingress on the serving port from
+    the API pods' labels (the labels their Deployment really gives them) and Prometheus."""
+    from deploy.render import PORT, PROMETHEUS_LABELS
+
+    (policy,) = [d for d in DOCS if d["kind"] == "NetworkPolicy"]
+    pods = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"] for d in DOCS if d["kind"] == "Deployment"}
+
+    def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+        return all(labels.get(k) == v for k, v in selector["matchLabels"].items())
+
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    assert selects(policy["spec"]["podSelector"], pods["recsys-ranker"])
+    assert not selects(policy["spec"]["podSelector"], pods["recsys-api"])
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": PORT}]
+    sources = [s["podSelector"] for s in rule["from"]]
+    assert any(selects(s, pods["recsys-api"]) for s in sources)
+    assert not any(selects(s, pods["recsys-ranker"]) for s in sources)  # ranker pods are not callers
+    assert {"matchLabels": PROMETHEUS_LABELS} in sources
