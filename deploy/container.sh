@@ -131,4 +131,10 @@ fi
 buildah tag "$BASE_REPO:$KEY" "$BASE"
 
 echo "== bentoml containerize $BENTO (buildah) =="
+# From /: containerize renders the Bento's docker.dockerfile_template out of a temporary
+# directory and refuses a template outside the working directory (bentoml 1.4.40,
+# utils/filesystem.py resolve_user_filepath); every path in / is inside it.
+BENTOML_PATH=$(realpath -s "$BENTOML_PATH")
+if [ -n "${BENTOML_HOME:-}" ]; then export BENTOML_HOME; BENTOML_HOME=$(realpath -ms "$BENTOML_HOME"); fi
+cd /
 "$BENTOML_PATH" "${args[@]}"
