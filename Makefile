@@ -14,15 +14,17 @@ PYTEST_ARGS ?=
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.deps: requirements.txt | $(BIN)/python
-	$(BIN)/pip install --disable-pip-version-check -q -r requirements.txt
+# Three sets, each on top of the one before: serving (requirements.txt, all the image
+# carries), training (requirements-train.txt), tests (requirements-dev.txt).
+$(VENV)/.deps-train: requirements.txt requirements-train.txt | $(BIN)/python
+	$(BIN)/pip install --disable-pip-version-check -q -r requirements-train.txt
 	touch $@
 
-$(VENV)/.deps-dev: requirements-dev.txt $(VENV)/.deps
+$(VENV)/.deps-dev: requirements-dev.txt $(VENV)/.deps-train
 	$(BIN)/pip install --disable-pip-version-check -q -r requirements-dev.txt
 	touch $@
 
-install: $(VENV)/.deps
+install: $(VENV)/.deps-train
 
 install-dev: $(VENV)/.deps-dev
 

@@ -37,6 +37,8 @@ def test_the_tree_keeps_every_contract() -> None:
         ("models/lifecycle/registry.py", "import service", "Nothing in models imports training"),
         ("training/pipeline.py", "from training import dask_engine", "the pipeline never imports an engine"),
         ("training/replay.py", "import service", "training does not import the service"),
+        ("models/serving/guard.py", "import sklearn", "models imports no training-only package"),
+        ("models/core/ranking.py", "from tqdm import tqdm", "models imports no training-only package"),
     ],
 )
 def test_each_contract_fails_on_a_crossing_import(tmp_path: Path, module: str, line: str, contract: str) -> None:
