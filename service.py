@@ -17,6 +17,7 @@ import numpy as np
 from bentoml.exceptions import InvalidArgument, ServiceUnavailable
 from pydantic import Field, StrictBool, StrictInt
 
+import models
 from models.core.ranking import predict_scores
 from models.core.recommender import Recommender
 from models.core.schema import FEATURE_DTYPE, FEATURE_NAMES, N_FEATURES
@@ -33,10 +34,13 @@ from models.serving.api_schema import (
 )
 from models.serving.batching import JoinedCalls
 from models.serving.bentoml_patches import (
-    cache_media_types,
     authorize_dependency,
+    cache_media_types,
     cap_batch_wait,
+    client_errors_in_one_line,
     delay_sigterm,
+    forbid_unknown_fields,
+    json_server_logs,
     metrics_dir_per_serve,
     patch_openapi,
     separate_monitor_logs,
@@ -54,6 +58,7 @@ settings = RecsysSettings()  # configuration only: decorators below need it at i
 cache_media_types()
 separate_monitor_logs(settings.monitor_max_bytes, settings.monitor_backups)
 skip_unexported_tracing()
+client_errors_in_one_line()
 metrics_dir_per_serve()
 cap_batch_wait(settings.max_batch_wait_ms / 1000)
 # Exact versions, resolved once: `bentoml build` pins what this resolves to.
@@ -138,6 +143,8 @@ class RankerService:
     @bentoml.on_startup
     def drain_on_shutdown(self) -> None:
         delay_sigterm(settings.ranker_shutdown_grace_s)
+        if settings.log_format == "json":
+            json_server_logs()
         freeze_startup_heap()
 
     # numpy, not DataFrame: BentoML 1.4's batchable DataFrame inputs are broken
@@ -215,6 +222,8 @@ class ApiService:
     async def start_drift_flusher(self) -> None:
         await asyncio.gather(*(proxy.__aenter__() for proxy in self._more_rankers))
         self._flushers = [v.drift.start_flusher() for v in self.ranking.variants]
+        if settings.log_format == "json":
+            json_server_logs()
         freeze_startup_heap()
 
     async def _score(self, variant: Variant, features: np.ndarray) -> np.ndarray:
@@ -252,7 +261,8 @@ class ApiService:
     async def rank(
         self,
         user_id: ExternalId,
-        item_ids: Annotated[list[ExternalId], Field(min_length=1, max_length=settings.max_rank_items)],
+        item_ids: Annotated[list[ExternalId], Field(min_length=1, max_length=settings.max_rank_items,
+                                                    json_schema_extra={"uniqueItems": True})],  # checked in Ranking
     ) -> RankResponse:
         """The given items ordered by the ranker's score for this user. Unknown item ids are
         a 400 naming them; an unknown user is ranked without history (cold_start)."""
@@ -298,12 +308,15 @@ class ApiService:
         )  # fmt: skip
 
 
-patch_openapi("ApiService", {api.route for api in ApiService.apis.values()})
+READ_ONLY_ROUTES = frozenset({"/model", "/drift"})  # they answer GET too
+forbid_unknown_fields(ApiService)
+patch_openapi("ApiService", {api.route for api in ApiService.apis.values()}, models.__version__, READ_ONLY_ROUTES)
 ApiService.add_asgi_middleware(
     RequestGuard,
     api_keys=settings.api_key_list(),
     max_body_bytes=settings.max_body_bytes,
     max_in_flight=settings.max_in_flight,
+    read_only_paths=READ_ONLY_ROUTES,
 )
 if settings.ranker_token is not None:
     RankerService.add_asgi_middleware(TokenGuard, token=settings.ranker_token.get_secret_value())

@@ -7,3 +7,5 @@ versions in the model store and their stages, `serving` everything a running Ben
 service needs. Nothing here imports `training` or `service`. The contracts are in
 pyproject.toml ([tool.importlinter]) and checked by tests/unit/test_layers.py.
 """
+
+__version__ = "0.1.0"  # the project's version (pyproject.toml says the same; a test checks)

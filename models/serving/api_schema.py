@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
+import numpy as np
 from pydantic import (
     AllowInfNan,
     BaseModel,
@@ -25,7 +26,9 @@ from models.core.schema import FEATURES
 # documented as it is validated (BentoML's OpenAPI keeps only the first member of a union).
 ExternalId = Annotated[StrictStr, Field(min_length=1, max_length=256, description="An id (a string).")]
 # Strict: JSON types only, so that e.g. "k": "10" or "exclude_seen": 0 are 400s, not guesses.
-StrictFiniteFloat = Annotated[float, Strict(), AllowInfNan(False)]
+# Features are scored as float32: a value beyond its range would silently become infinity.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+StrictFiniteFloat = Annotated[float, Strict(), AllowInfNan(False), Field(ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
 
 
 class RecommendedItem(BaseModel):

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import atexit
 import importlib
+import json
 import logging
 import logging.handlers
 import os
@@ -61,6 +62,7 @@ from pathlib import Path
 from typing import Any
 
 _log = logging.getLogger("recsys.bentoml_patches")
+_client_log = logging.getLogger("recsys.client_errors")
 _ERROR_ITEM = {
     "type": "object",
     "properties": {
@@ -108,9 +110,12 @@ def _nullable_defaults(node: Any) -> None:
             _nullable_defaults(value)
 
 
-def fix_openapi(doc: dict[str, Any], guarded_routes: set[str]) -> dict[str, Any]:
+def fix_openapi(doc: dict[str, Any], guarded_routes: set[str], version: str = "",
+                read_only: frozenset[str] = frozenset()) -> dict[str, Any]:  # fmt: skip
     """Return `doc` (an OpenAPI dict from BentoML) with the fixes above."""
     _nullable_defaults(doc)
+    if version and doc.get("info", {}).get("version") in (None, "None"):
+        doc["info"]["version"] = version  # BentoML's is the Bento's, "None" outside one
     schemas = doc.get("components", {}).get("schemas", {})
     invalid = schemas.get("InvalidArgument")
     if invalid is not None:
@@ -134,24 +139,30 @@ def fix_openapi(doc: dict[str, Any], guarded_routes: set[str]) -> dict[str, Any]
                     "description": description,
                     "content": {"application/json": {"schema": GUARD_ERROR}},
                 }
+        if route in read_only and "get" not in item:  # answered by the guard (GET is read as POST)
+            item["get"] = {k: v for k, v in operation.items() if k != "requestBody"} | {
+                "operationId": f"{operation.get('operationId', route.strip('/'))}__get"}
     return doc
 
 
 class _FixedSpec:
     """Wraps BentoML's OpenAPI object; `asdict()` (what `/docs.json` serves) is fixed."""
 
-    def __init__(self, spec: Any, guarded_routes: set[str]) -> None:
+    def __init__(self, spec: Any, guarded_routes: set[str], version: str, read_only: frozenset[str]) -> None:
         self._spec = spec
         self._routes = guarded_routes
+        self._version = version
+        self._read_only = read_only
 
     def asdict(self) -> dict[str, Any]:
-        return fix_openapi(self._spec.asdict(), self._routes)
+        return fix_openapi(self._spec.asdict(), self._routes, self._version, self._read_only)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._spec, name)
 
 
-def patch_openapi(service_name: str, guarded_routes: set[str]) -> None:
+def patch_openapi(service_name: str, guarded_routes: set[str], version: str = "",
+                  read_only: frozenset[str] = frozenset()) -> None:  # fmt: skip
     """Make BentoML's OpenAPI generation apply `fix_openapi` for `service_name`. Idempotent."""
     # importlib, not `import a.b.c as m`: the latter resolves `service` through attribute
     # lookups that can hit this project's own top-level `service` module.
@@ -162,7 +173,7 @@ def patch_openapi(service_name: str, guarded_routes: set[str]) -> None:
 
     def generate_spec(svc: Any, *args: Any, **kwargs: Any) -> Any:
         spec = original(svc, *args, **kwargs)
-        return _FixedSpec(spec, guarded_routes) if svc.name == service_name else spec
+        return _FixedSpec(spec, guarded_routes, version, read_only) if svc.name == service_name else spec
 
     openapi_module.generate_spec = _replacing(original, generate_spec)
 
@@ -383,3 +394,75 @@ def authorize_dependency(proxy: Any, token: str) -> None:
     manager._headers["Authorization"] = value
     if manager._session is not None:
         manager._session.headers["Authorization"] = value
+
+
+def client_errors_in_one_line() -> None:
+    """Log a client's error (a 400 or another 4xx) as one WARNING line that names the
+    endpoint, the status and the fields at fault, never their values; keep ERROR with the
+    traceback for the service's own faults. And head a 400 with the request it was about
+    (`2 validation errors in the /recommend request`), not BentoML's `2 validation error
+    for Input`.
+
+    BentoML logs every 400 as `Exception on /recommend [POST]` at ERROR with a traceback
+    that repeats the client's input (pydantic errors carry it)."""
+    from pydantic import ValidationError
+
+    from bentoml.exceptions import BentoMLException
+
+    app_module = importlib.import_module("_bentoml_impl.server.app")
+    current = app_module.log_exception
+    original = current.__wrapped__ if getattr(current, _PATCHED, False) else current
+
+    def log_exception(request: Any, exc_info: Any = True) -> None:
+        err = sys.exc_info()[1]
+        if isinstance(err, ValidationError):
+            fields = ", ".join(f"{'.'.join(str(x) for x in e['loc']) or '(body)'} ({e['type']})"
+                               for e in err.errors(include_input=False)[:20])  # fmt: skip
+            _client_log.warning("%s %s 400: %s", request.method, request.url.path, fields)
+        elif isinstance(err, BentoMLException) and 400 <= err.error_code.value < 500:
+            _client_log.warning("%s %s %d: %s", request.method, request.url.path, err.error_code.value,
+                                type(err).__name__)  # fmt: skip
+        else:
+            original(request, exc_info)
+
+    app_module.log_exception = _replacing(original, log_exception)
+
+    factory = app_module.ServiceAppFactory
+    wrapper = factory.api_endpoint_wrapper
+    original_wrapper = wrapper.__wrapped__ if getattr(wrapper, _PATCHED, False) else wrapper
+
+    async def api_endpoint_wrapper(self: Any, name: str, request: Any) -> Any:
+        response = await original_wrapper(self, name, request)
+        if response.status_code == 400:
+            body = json.loads(response.body)
+            if isinstance(body, dict) and isinstance(body.get("detail"), list):
+                n = len(body["detail"])
+                body["error"] = f"{n} validation error{'s' * (n != 1)} in the {self.service.apis[name].route} request"
+                response.body = json.dumps(body).encode()
+                response.headers["content-length"] = str(len(response.body))
+        return response
+
+    factory.api_endpoint_wrapper = _replacing(original_wrapper, api_endpoint_wrapper)
+
+
+def forbid_unknown_fields(service: Any) -> None:
+    """Make every API of `service` refuse fields it does not know (a 400 naming them):
+    BentoML's input models ignore them, so `{"user_id": "u1", "K": 5}` answered with the
+    default k and no word about the typo."""
+    for api in service.apis.values():
+        spec = api.input_spec
+        if spec.model_config.get("extra") != "forbid":
+            spec.model_config["extra"] = "forbid"
+            spec.model_rebuild(force=True)
+
+
+def json_server_logs() -> None:
+    """Log as one JSON object a line (time, level, logger, BentoML's component, message)
+    through the handlers BentoML's server set up, for log shippers. Call it in a worker."""
+    from pythonjsonlogger.json import JsonFormatter
+
+    formatter = JsonFormatter("%(asctime)s %(levelname)s %(name)s %(component)s %(message)s",
+                              rename_fields={"asctime": "time", "levelname": "level", "name": "logger"})  # fmt: skip
+    for logger in (logging.getLogger(), logging.getLogger("bentoml")):
+        for handler in logger.handlers:
+            handler.setFormatter(formatter)

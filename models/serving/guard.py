@@ -41,13 +41,29 @@ def _retry_after_on_503(send: Send) -> Send:
     return sending
 
 
+def _allowing_get(send: Send) -> Send:
+    """A 405 of a read-only route lists GET beside BentoML's POST in its Allow header."""
+
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start" and message["status"] == 405:
+            headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"allow"]
+            message = {**message, "headers": [*headers, (b"allow", b"GET, POST")]}
+        await send(message)
+
+    return sending
+
+
 class RequestGuard:
     """401 without a valid `Authorization: Bearer <key>` (when keys are set), 415 for a body
     that is not JSON, 413 for bodies over `max_body_bytes`, 503 when `max_in_flight`
     requests are already being served, and Retry-After on every 503."""
 
-    def __init__(self, app: ASGIApp, api_keys: list[str], max_body_bytes: int, max_in_flight: int) -> None:
+    def __init__(self, app: ASGIApp, api_keys: list[str], max_body_bytes: int, max_in_flight: int,
+                 read_only_paths: frozenset[str] = frozenset()) -> None:  # fmt: skip
         self.app = app
+        # APIs that read and change nothing answer GET too: BentoML routes APIs as POST only,
+        # so a GET there is passed on as a POST with no body.
+        self.read_only_paths = read_only_paths
         self._keys = [k.encode() for k in api_keys]
         self.max_body_bytes = max_body_bytes
         self.max_in_flight = max_in_flight
@@ -83,6 +99,10 @@ class RequestGuard:
         if scope["type"] != "http" or scope["path"] in PROBE_PATHS:
             await self.app(scope, receive, send)
             return
+        if scope["path"] in self.read_only_paths:
+            send = _allowing_get(send)
+            if scope.get("method") == "GET":
+                scope = {**scope, "method": "POST"}
         if not self._authorized(scope):
             await _reply(send, 401, "missing or invalid API key; send the header "
                          "'Authorization: Bearer <key>'", {"www-authenticate": "Bearer"})  # fmt: skip

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -95,6 +96,10 @@ class Ranking:
     async def _rank(self, variant: Variant, user_id: str, item_ids: list[str], shadow: bool = False) -> RankResponse:
         start = time.perf_counter()
         rec = variant.recommender
+        duplicates = [i for i, n in Counter(item_ids).items() if n > 1]
+        if duplicates:
+            raise input_error("item_ids", "duplicate_item_ids",
+                              f"item_ids: duplicate ids {duplicates[:20]} (rule: each id at most once)")  # fmt: skip
         try:
             items = rec.item_indices(item_ids)
         except UnknownItemsError as err:

@@ -117,6 +117,9 @@ class RecsysSettings(BaseSettings):
         "joining; more calls wait and go out together."
     )
     access_log: bool = Field(False, description="BentoML's per-request access log (both services).")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Server log lines as BentoML's text, or one JSON object a line."
+    )
     traffic_timeout_s: float = Field(30.0, gt=0, description="Request timeout of both services.")
     max_k: int = Field(100, ge=1, description="Largest k accepted by /recommend.")
     max_rank_items: int = Field(1000, ge=1, description="Most item_ids accepted by /rank.")
