@@ -288,22 +288,14 @@ def metrics_dir_per_serve() -> None:
 
     from bentoml._internal.configuration.containers import BentoMLContainer
 
+    from models.lifecycle.store import pid_alive
+
     provider = BentoMLContainer.prometheus_multiproc_dir
     base = Path(provider.get())
     if base.name.startswith("serve-"):  # already patched in this process
         return
     for old in base.glob("serve-*"):
         pid = old.name.removeprefix("serve-")
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
     provider.set(str(base / f"serve-{os.getpid()}"))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
