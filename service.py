@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import bentoml
 import numpy as np
-from bentoml.exceptions import InvalidArgument, ServiceUnavailable
+from bentoml.exceptions import BentoMLException, InvalidArgument, ServiceUnavailable
 from pydantic import Field, StrictBool, StrictInt
 
 import models
@@ -63,6 +63,9 @@ metrics_dir_per_serve()
 cap_batch_wait(settings.max_batch_wait_ms / 1000)
 # Exact versions, resolved once: `bentoml build` pins what this resolves to.
 PLAN = serving_plan(settings, Path(__file__))
+# With a problem the services declare no model: `serve` resolves declared models before it
+# runs `check_model`, and would stop on the placeholder tag without saying the problem.
+DECLARED = (None, None) if PLAN.problem else (PLAN.champion, PLAN.challenger)
 # Separate scaling: with URLs, `serve` starts no ranking service; the API calls these.
 RANKER_URLS = settings.ranker_url_list()
 
@@ -126,8 +129,8 @@ class RankerService:
     challenger's, when one is loaded)."""
 
     # Declaration order matters: a Bento lists its models in it (champion, then challenger).
-    bento_model = bentoml.models.BentoModel(PLAN.champion)
-    challenger_model = _model(PLAN.challenger)
+    bento_model = _model(DECLARED[0])
+    challenger_model = _model(DECLARED[1])
 
     def __init__(self) -> None:
         cls = type(self)
@@ -175,18 +178,22 @@ class ApiService:
     """The public recommendation API."""
 
     ranker = bentoml.depends(RankerService, url=RANKER_URLS[0] if RANKER_URLS else None)
-    bento_model = bentoml.models.BentoModel(PLAN.champion)
-    challenger_model = _model(PLAN.challenger)
+    bento_model = _model(DECLARED[0])
+    challenger_model = _model(DECLARED[1])
 
     @bentoml.on_deployment
     def check_model() -> None:
         """Once, before any worker starts: no resolvable version, or a version that fails its
-        checks, stops `serve`."""
-        if PLAN.problem:
-            raise ModelCheckError(PLAN.problem)
-        open_version(PLAN.champion)
-        if PLAN.challenger:
-            open_version(PLAN.challenger)
+        checks, stops `serve` with one line that says why (`serve` prints a BentoMLException
+        as its message, anything else as a traceback)."""
+        try:
+            if PLAN.problem:
+                raise ModelCheckError(PLAN.problem)
+            open_version(PLAN.champion)
+            if PLAN.challenger:
+                open_version(PLAN.challenger)
+        except ModelCheckError as err:
+            raise BentoMLException(str(err)) from err
 
     def __init__(self) -> None:
         cls = type(self)

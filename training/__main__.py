@@ -16,6 +16,7 @@ import logging
 import sys
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 from models.lifecycle import registry
 from models.lifecycle.registry import RegistryError
@@ -153,28 +154,40 @@ def _subcommand(argv: list[str]) -> int | None:
 
 
 def _stage_new_version(result: TrainResult, args: argparse.Namespace, model_name: str, retrain: bool,
-                       margin: float) -> Decision | None:  # fmt: skip
+                       margin: float, evaluated: str | None) -> Decision | None:  # fmt: skip
     """Retrain: the gate decides, and the decision is recorded either way. Train: the first
-    version (if it learned something) or --promote makes the champion."""
+    version (if it learned something) or --promote makes the champion.
+
+    `evaluated` is the champion the run was judged against (read before training): the gate's
+    promotion, and the first version's, are compare-and-swaps on it, so a champion promoted
+    by someone else meanwhile is never replaced by a version that was not compared with it."""
     assert result.tag is not None
-    champion = registry.load(model_name).champion
     if retrain:
         decision = decide(result.metrics, result.champion_metrics, margin)
         record = {"decision": decision.as_record(), "challenger_metrics": result.metrics,
-                  "champion": champion, "champion_metrics": result.champion_metrics}  # fmt: skip
+                  "champion": evaluated, "champion_metrics": result.champion_metrics}  # fmt: skip
         if decision.promote:
-            registry.promote(result.tag, args.stage, reason="retrain", record=record)
-        else:
-            registry.record(model_name, {"action": "reject", "tag": result.tag, "reason": "retrain", **record})
+            return _promote_if_unchanged(result.tag, args.stage, "retrain", decision, record, evaluated)
+        registry.record(model_name, {"action": "reject", "tag": result.tag, "reason": "retrain", **record})
         return decision
     if args.promote:
         registry.promote(result.tag, "champion", reason="train --promote")
-    elif champion is None:
+    elif registry.load(model_name).champion is None:
         decision = decide(result.metrics, None, margin)
         if decision.promote:
-            registry.promote(result.tag, "champion", reason="first version")
+            return _promote_if_unchanged(result.tag, "champion", "first version", decision, {}, None)
         return decision
     return None
+
+
+def _promote_if_unchanged(tag: str, stage: registry.Stage, reason: str, decision: Decision,
+                          record: dict[str, Any], evaluated: str | None) -> Decision:  # fmt: skip
+    try:
+        registry.promote(tag, stage, reason=reason, record=record, expected_champion=evaluated)
+    except registry.ChampionChanged as err:  # recorded in the registry as `promote_refused`
+        why = f"the champion changed from {err.expected} to {err.actual} during the run"
+        return dataclasses.replace(decision, promote=False, reason=why)
+    return decision
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         with engine as running:
             result = train(dataset, config, model_name=model_name, save=not args.dry_run,
                            compare_with=champion, engine=running)  # fmt: skip
-        decision = None if args.dry_run else _stage_new_version(result, args, model_name, retrain, margin)
+        decision: Decision | None = None
+        if not args.dry_run:
+            decision = _stage_new_version(result, args, model_name, retrain, margin, champion)
     except (DataError, ModelCheckError, RegistryError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

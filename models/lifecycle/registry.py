@@ -2,17 +2,19 @@
 default), which the `challenger`, and the champions before them (for rollback).
 
 Self-hosted BentoML has no stages, so they live in one small JSON file per model name,
-`BENTOML_HOME/registry/<name>.json`, replaced atomically under a file lock. Every change
-is also mirrored into the versions' `stage` label (model.yaml, which the integrity manifest
-leaves out), so `bentoml models get NAME:VERSION` shows it. The file is the source of truth.
+`BENTOML_HOME/registry/<name>.json`, replaced atomically and durably (fsync'd) under a file
+lock. Every change is also mirrored into the versions' `stage` label (model.yaml, which the
+integrity manifest leaves out), so `bentoml models get NAME:VERSION` shows it. The file is
+the source of truth. A promotion decided against a champion can require that champion still
+to be in place (`expected_champion`), so a slow retraining never replaces a newer one.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import fcntl
 import json
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -23,7 +25,7 @@ import bentoml
 import yaml
 from bentoml.exceptions import NotFound
 
-from models.lifecycle.store import ModelCheckError, store_home
+from models.lifecycle.store import ModelCheckError, store_home, write_durably
 
 Stage = Literal["champion", "challenger"]
 STAGES: tuple[Stage, ...] = ("champion", "challenger")
@@ -34,6 +36,23 @@ _MAX_EVENTS = 1000
 
 class RegistryError(ValueError):
     """A registry operation that cannot be done; the message says why and what to do."""
+
+
+class ChampionChanged(RegistryError):
+    """A promotion refused because the champion is no longer the one it was judged against."""
+
+    def __init__(self, tag: str, expected: str | None, actual: str | None) -> None:
+        self.tag, self.expected, self.actual = tag, expected, actual
+        super().__init__(
+            f"{tag} not promoted: the champion changed from {expected} to {actual} since it was evaluated"
+        )
+
+
+class _AnyChampion(enum.Enum):
+    ANY = "any"
+
+
+ANY_CHAMPION = _AnyChampion.ANY  # `promote` without a compare-and-swap on the champion
 
 
 @dataclass
@@ -81,9 +100,7 @@ def _locked(name: str) -> Iterator[Registry]:
         before = {t: reg.stage_of(t) for t in (reg.champion, reg.challenger) if t}
         yield reg
         reg.events = reg.events[-_MAX_EVENTS:]
-        tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(asdict(reg), indent=2))
-        os.replace(tmp, path)
+        write_durably(path, json.dumps(asdict(reg), indent=2))
         after = {t: reg.stage_of(t) for t in (reg.champion, reg.challenger) if t}
         for tag in sorted(set(before) | set(after)):
             _mirror_label(tag, after.get(tag))
@@ -103,9 +120,7 @@ def _mirror_label(tag: str, stage: str | None) -> None:
     else:
         labels[STAGE_LABEL] = stage
     info["labels"] = labels
-    tmp = path.with_name(f".model.yaml.tmp-{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(info, sort_keys=False))
-    os.replace(tmp, path)
+    write_durably(path, yaml.safe_dump(info, sort_keys=False))
 
 
 def _now() -> str:
@@ -120,27 +135,47 @@ def exact_tag(tag: str) -> str:
         raise RegistryError(f"{tag}: no such model version in the store (see `python -m training models list`)") from err
 
 
-def promote(tag: str, stage: Stage = "champion", reason: str = "manual", record: dict[str, Any] | None = None) -> Registry:
+def promote(
+    tag: str,
+    stage: Stage = "champion",
+    reason: str = "manual",
+    record: dict[str, Any] | None = None,
+    expected_champion: str | None | _AnyChampion = ANY_CHAMPION,
+) -> Registry:
     """Make `tag` the champion (the previous one goes to the rollback history) or the
-    challenger. Promoting the challenger to champion clears the challenger stage."""
+    challenger. Promoting the challenger to champion clears the challenger stage.
+
+    With `expected_champion` (a tag, or None for "no champion yet") this is a
+    compare-and-swap under the registry's lock: a promotion judged against that champion is
+    refused when another one has taken its place meanwhile. The refusal is recorded as a
+    `promote_refused` event, nothing else changes, and ChampionChanged is raised."""
     if stage not in STAGES:
         raise RegistryError(f"stage {stage!r}: valid stages are {', '.join(STAGES)}")
     tag = exact_tag(tag)
     name = tag.split(":")[0]
+    refused: ChampionChanged | None = None
     with _locked(name) as reg:
-        previous = getattr(reg, stage)
-        if stage == "champion":
-            if reg.champion and reg.champion != tag:
-                reg.history.append(reg.champion)
-            reg.champion = tag
-            if reg.challenger == tag:
-                reg.challenger = None
+        if expected_champion is not ANY_CHAMPION and reg.champion != expected_champion:
+            refused = ChampionChanged(tag, expected_champion, reg.champion)
+            reg.events.append({"at": _now(), "action": "promote_refused", "stage": stage, "tag": tag,
+                               "reason": reason, **(record or {}), "expected_champion": expected_champion,
+                               "current_champion": reg.champion, "refused": str(refused)})  # fmt: skip
         else:
-            if reg.champion == tag:
-                raise RegistryError(f"{tag} is the champion; it cannot also be the challenger")
-            reg.challenger = tag
-        reg.events.append({"at": _now(), "action": "promote", "stage": stage, "tag": tag,
-                           "previous": previous, "reason": reason, **(record or {})})  # fmt: skip
+            previous = getattr(reg, stage)
+            if stage == "champion":
+                if reg.champion and reg.champion != tag:
+                    reg.history.append(reg.champion)
+                reg.champion = tag
+                if reg.challenger == tag:
+                    reg.challenger = None
+            else:
+                if reg.champion == tag:
+                    raise RegistryError(f"{tag} is the champion; it cannot also be the challenger")
+                reg.challenger = tag
+            reg.events.append({"at": _now(), "action": "promote", "stage": stage, "tag": tag,
+                               "previous": previous, "reason": reason, **(record or {})})  # fmt: skip
+    if refused is not None:
+        raise refused
     return reg
 
 

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,10 @@ DEFAULT_MODEL_NAME = "recsys-ranker"
 BOOSTER_FILE = "ranker.ubj"
 MANIFEST_FILE = "manifest.json"
 _BENTOML_OWN_FILES = {"model.yaml"}
+STAGING_PREFIX = "recsys-staging-"
+# A staging folder without its owner's pid (made before the name carried it) is left to
+# its save for this long; no save takes that long.
+LEGACY_STAGING_MAX_AGE_S = 24 * 3600
 
 
 class ModelCheckError(RuntimeError):
@@ -74,11 +79,14 @@ def save_version(
     half-written version there (and breaks `bentoml models list`). So the version is built
     in a staging store under BENTOML_HOME/tmp, then moved into place with one rename, and
     only then does `latest` (replaced atomically) point at it. A failed or killed run
-    leaves the store exactly as it was."""
+    leaves the store exactly as it was, but for its staging folder, which the next save
+    removes (`remove_orphan_staging`)."""
     from bentoml._internal.models.model import ModelStore
 
     home = store_home()
-    staging_root = Path(tempfile.mkdtemp(prefix="recsys-staging-", dir=_ensure_dir(home / "tmp")))
+    tmp_root = _ensure_dir(home / "tmp")
+    remove_orphan_staging(tmp_root)
+    staging_root = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=tmp_root))
     try:
         staging = ModelStore(str(staging_root))
         with bentoml.models.create(name, labels=labels, metadata=metadata, _model_store=staging) as model:
@@ -91,14 +99,76 @@ def save_version(
             (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         tag = model.tag
         staged = staging_root / tag.name / str(tag.version)
+        # The files reach the disk before the rename that publishes them, and the rename
+        # before `latest` names it: after a power loss `latest` never points at a torn version.
+        for path in staged.rglob("*"):
+            if path.is_file():
+                _fsync_path(path)
+        _fsync_path(staged)
         final_parent = _ensure_dir(home / "models" / tag.name)
         os.rename(staged, final_parent / str(tag.version))
-        latest_tmp = final_parent / f".latest-{tag.version}"
-        latest_tmp.write_text(str(tag.version))
-        os.replace(latest_tmp, final_parent / "latest")
+        _fsync_path(final_parent)
+        write_durably(final_parent / "latest", str(tag.version))
     finally:
         shutil.rmtree(staging_root, ignore_errors=True)
     return str(tag)
+
+
+def write_durably(path: Path, text: str) -> None:
+    """Replace `path` with `text` in one rename that survives a power loss: the temporary
+    file is fsync'd before the rename (else the new name can point at empty data) and the
+    folder after it (else the rename itself can be lost)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_path(path.parent)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this machine has this pid (a folder named after its owner's pid
+    can go once the owner is gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def remove_orphan_staging(tmp_root: Path) -> list[Path]:
+    """Remove the staging folders of saves that were killed: those whose owner's pid (in the
+    name, `recsys-staging-<pid>-XXXX`) is no longer alive, and nameless old-style ones older
+    than LEGACY_STAGING_MAX_AGE_S. Returns what was removed."""
+    removed = []
+    for folder in tmp_root.glob(f"{STAGING_PREFIX}*"):
+        pid, sep, _ = folder.name.removeprefix(STAGING_PREFIX).partition("-")
+        if sep and pid.isdigit():
+            orphan = not pid_alive(int(pid))
+        else:  # tempfile's random part has no "-": a folder from before the pid was in the name
+            try:
+                orphan = time.time() - folder.stat().st_mtime > LEGACY_STAGING_MAX_AGE_S
+            except FileNotFoundError:
+                continue  # its own save removed it meanwhile
+        if orphan:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 def _ensure_dir(path: Path) -> Path:

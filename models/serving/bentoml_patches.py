@@ -360,6 +360,8 @@ def metrics_dir_per_serve() -> None:
         return
     from bentoml._internal.configuration.containers import BentoMLContainer
 
+    from models.lifecycle.store import pid_alive
+
     provider = BentoMLContainer.prometheus_multiproc_dir
     base = Path(provider.get())
     if base.name.startswith("serve-"):  # already patched in this process
@@ -370,15 +372,6 @@ def metrics_dir_per_serve() -> None:
             shutil.rmtree(old, ignore_errors=True)
     provider.set(str(base / f"serve-{os.getpid()}"))
 
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
 
 
 def authorize_dependency(proxy: Any, token: str) -> None:

@@ -21,7 +21,7 @@ import bentoml
 import numpy as np
 
 from models.core.drift import DriftCounter, ReferenceProfile, drift_report, merged_counts
-from models.serving.bentoml_patches import pid_alive
+from models.lifecycle.store import pid_alive
 from models.serving.settings import RecsysSettings
 
 log = logging.getLogger("recsys.monitoring")

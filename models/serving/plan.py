@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.lifecycle.registry import bento_pinned_tags, resolve_alias
+from models.lifecycle.registry import RegistryError, bento_pinned_tags, resolve_alias
 from models.lifecycle.store import ModelCheckError
 from models.serving.settings import RecsysSettings
 
@@ -46,4 +46,7 @@ def serving_plan(settings: RecsysSettings, service_file: Path) -> ServingPlan:
                 raise ModelCheckError(f"champion and challenger are the same version {champion}")
     except ModelCheckError as err:
         return ServingPlan(f"{name}:unresolved", None, str(err))
+    except RegistryError as err:  # a damaged registry file: one line naming it, not a traceback at import
+        fix = "repair or restore that file, or serve an exact version with RECSYS_MODEL_TAG"
+        return ServingPlan(f"{name}:unresolved", None, f"{err}; {fix}")
     return ServingPlan(champion, challenger)

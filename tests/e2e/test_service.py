@@ -18,7 +18,8 @@ import pytest
 from models.core.ranking import predict_scores
 from models.core.recommender import Recommender
 from models.core.schema import FEATURE_NAMES, SCHEMA_HASH
-from models.lifecycle.store import BOOSTER_FILE, ModelVersion, open_version
+from models.lifecycle.registry import registry_path
+from models.lifecycle.store import BOOSTER_FILE, DEFAULT_MODEL_NAME, ModelVersion, open_version, store_home
 from models.serving.settings import RecsysSettings
 from tests.helpers import PROJECT_ROOT, ServerProcess, start_server
 from training.pipeline import TrainResult
@@ -282,5 +283,33 @@ def test_a_damaged_model_is_never_served(trained: TrainResult, tmp_path: Path, d
     try:
         assert proc.proc.wait(timeout=60) != 0
         assert f"model {trained.tag}: {check}" in proc.log()
+        assert "Traceback" not in proc.log(), proc.log()
     finally:
         proc.stop()
+
+
+@pytest.mark.parametrize(
+    ("registry_text", "says"),
+    [("{not json", "unreadable registry file"), (None, "no champion")],
+    ids=["damaged registry", "no champion"],
+)
+def test_serve_without_a_version_to_serve_exits_with_one_line_naming_the_registry(
+    tmp_path: Path, registry_text: str | None, says: str
+) -> None:
+    """Not a traceback at import, nor BentoML's "model NAME:unresolved could not be found":
+    the plan's problem, naming the registry file, and a non-zero exit."""
+    home = tmp_path / "home"
+    env = {"BENTOML_HOME": str(home), "RECSYS_MODEL_NAME": DEFAULT_MODEL_NAME}
+    path = home / registry_path(DEFAULT_MODEL_NAME).relative_to(store_home())  # the same layout in that home
+    if registry_text is not None:
+        path.parent.mkdir(parents=True)
+        path.write_text(registry_text)
+    proc = start_server(["service:ApiService"], cwd=PROJECT_ROOT, env=env, wait=False)
+    try:
+        assert proc.proc.wait(timeout=60) != 0
+        log = proc.log()
+    finally:
+        proc.stop()
+    errors = [line for line in log.splitlines() if str(path) in line]
+    assert len(errors) == 1 and says in errors[0], log
+    assert "Traceback" not in log, log

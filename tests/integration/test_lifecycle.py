@@ -7,19 +7,23 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import bentoml
 import pytest
 import yaml
 
-from models.lifecycle import registry
-from models.lifecycle.registry import RegistryError, bento_pinned_tags
+import training.__main__ as training_main
+from models.lifecycle import registry, store
+from models.lifecycle.registry import ChampionChanged, RegistryError, bento_pinned_tags
 from models.serving.plan import serving_plan
 from models.serving.settings import RecsysSettings
 from tests.helpers import PROJECT_ROOT, small_synthetic
 from training.__main__ import main
-from training.pipeline import TrainConfig, train
+from training.pipeline import TrainConfig, TrainResult, train
 
 SMALL = ["--n-users", "300", "--n-items", "200", "--n-interactions", "12000"]
 
@@ -77,12 +81,116 @@ def test_a_failed_registry_write_leaves_the_stages_as_they_were(
     def broken_replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(registry.os, "replace", broken_replace)
+    monkeypatch.setattr(os, "replace", broken_replace)
     with pytest.raises(OSError, match="disk full"):
         registry.promote(b)
     monkeypatch.undo()
     assert registry.registry_path("lc-int").read_text() == before
+    assert not list(registry.registry_path("lc-int").parent.glob("*.tmp-*"))  # no temporary file left
     assert registry.load("lc-int").champion == a and stage_label(a) == "champion"
+
+
+def test_promote_with_a_stale_expected_champion_changes_nothing_but_the_log(
+    two_versions: tuple[str, str],
+) -> None:
+    a, b = two_versions
+    registry.clear_challenger("lc-int")
+    registry.promote(a)
+    registry.promote(b, expected_champion=a)  # still the expected champion: swapped
+    for stale in (a, None):  # None: "no champion yet", as a first version expects
+        with pytest.raises(ChampionChanged, match=f"champion changed from {stale} to {b}"):
+            registry.promote(a, "challenger" if stale else "champion", expected_champion=stale)
+    reg = registry.load("lc-int")
+    assert (reg.champion, reg.challenger, reg.history[-1]) == (b, None, a)
+    assert (stage_label(a), stage_label(b)) == (None, "champion")
+    refused = [(e["action"], e["tag"], e.get("expected_champion"), e.get("current_champion")) for e in reg.events]
+    assert refused[-2:] == [("promote_refused", a, a, b), ("promote_refused", a, None, b)]
+
+
+def resave(tag: str, name: str) -> str:
+    """A new version of `name` with the contents of `tag`: a save without training."""
+    version = store.open_version(tag)
+    return store.save_version(name, version.load_booster(1), version.load_tables(), version.metadata, {})
+
+
+def record_renames_and_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, ...]]:
+    """("fsync", path) and ("rename", src, dst), real paths, in the order they happen."""
+    log: list[tuple[str, ...]] = []
+    real_fsync, real_replace, real_rename = os.fsync, os.replace, os.rename
+
+    def fsync(fd: int) -> None:
+        log.append(("fsync", os.path.realpath(os.readlink(f"/proc/self/fd/{fd}"))))
+        real_fsync(fd)
+
+    def renaming(real: Callable[[str, str], None]) -> Callable[[str, str], None]:
+        def rename(src: str, dst: str) -> None:
+            real(src, dst)
+            log.append(("rename", os.path.realpath(src), os.path.realpath(dst)))
+        return rename
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", renaming(real_replace))
+    monkeypatch.setattr(os, "rename", renaming(real_rename))
+    return log
+
+
+@pytest.mark.parametrize("operation", ["save", "promote"])
+def test_published_files_are_fsynced_before_and_their_folder_after_the_rename(
+    two_versions: tuple[str, str], bentoml_home: Path, monkeypatch: pytest.MonkeyPatch, operation: str
+) -> None:
+    """A power loss cannot be simulated; what makes a rename survive one can be checked: the
+    new file (or folder) reaches the disk before the rename, the folder's entry after it."""
+    a, b = two_versions
+    log = record_renames_and_fsyncs(monkeypatch)
+    if operation == "save":
+        name, version = resave(a, "lc-durable").split(":")
+        published = {bentoml_home / "models" / name / version, bentoml_home / "models" / name / "latest"}
+    else:
+        registry.promote(b)
+        published = {registry.registry_path("lc-int"), Path(bentoml.models.get(b).path) / "model.yaml"}
+    monkeypatch.undo()
+    home = os.path.realpath(bentoml_home)
+    renames = [
+        (i, src, dst)
+        for i, (kind, *paths) in enumerate(log)
+        if kind == "rename"
+        for src, dst in [paths]
+        if dst.startswith(home) and not dst.startswith(f"{home}/tmp/")  # published, not staging
+    ]
+    assert {os.path.realpath(p) for p in published} <= {dst for _, _, dst in renames}
+    for i, src, dst in renames:
+        assert ("fsync", src) in log[:i], f"{src} renamed to {dst} before it was fsync'd"
+        folder = os.path.dirname(dst)
+        assert ("fsync", folder) in log[i + 1 :], f"{folder} not fsync'd after {src} was renamed into it"
+
+
+def test_a_save_removes_the_staging_folders_of_killed_saves_only(
+    two_versions: tuple[str, str], bentoml_home: Path
+) -> None:
+    """Staging folders carry their owner's pid: a save removes those whose owner is gone
+    (and old nameless ones after a day), never one of a save still running."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    sleeper = subprocess.Popen(["sleep", "300"])
+    tmp_root = bentoml_home / "tmp"
+    folders = {
+        "owner gone": tmp_root / f"{store.STAGING_PREFIX}{gone.pid}-k1ll3d",
+        "owner alive": tmp_root / f"{store.STAGING_PREFIX}{sleeper.pid}-saving",
+        "no pid, old": tmp_root / f"{store.STAGING_PREFIX}0ldst7le",
+        "no pid, recent": tmp_root / f"{store.STAGING_PREFIX}n3wst7le",
+    }
+    try:
+        for folder in folders.values():
+            (folder / "lc-staging").mkdir(parents=True)
+        long_ago = time.time() - store.LEGACY_STAGING_MAX_AGE_S - 60
+        os.utime(folders["no pid, old"], (long_ago, long_ago))
+        resave(two_versions[0], "lc-staging")
+        left = sorted(k for k, folder in folders.items() if folder.exists())
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert left == ["no pid, recent", "owner alive"]
+    assert not list(tmp_root.glob(f"{store.STAGING_PREFIX}{os.getpid()}-*"))  # its own, removed as it ends
 
 
 def test_serving_plan_resolves_aliases_and_explains_what_is_missing(two_versions: tuple[str, str]) -> None:
@@ -101,6 +209,25 @@ def test_serving_plan_resolves_aliases_and_explains_what_is_missing(two_versions
     assert (plan.champion, plan.challenger, plan.problem) == (a, b, None)
     nothing = serving_plan(RecsysSettings(model_name="lc-never-trained"), here)
     assert nothing.problem and "no champion" in nothing.problem
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["{not json", "[]", '{"name": "lc-damaged", "champion": 1, "owner": "x"}'],
+    ids=["invalid JSON", "not an object", "unknown key"],
+)
+def test_a_damaged_registry_is_a_one_line_plan_problem_naming_the_file(content: str) -> None:
+    """Not a RegistryError out of service.py's import: the plan's problem, which `serve`
+    raises before any worker starts."""
+    path = registry.registry_path("lc-damaged")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(content)
+    try:
+        plan = serving_plan(RecsysSettings(model_name="lc-damaged"), Path(__file__))
+    finally:
+        path.unlink()
+    assert plan.problem is not None and str(path) in plan.problem and "RECSYS_MODEL_TAG" in plan.problem
+    assert "\n" not in plan.problem
 
 
 def test_a_bento_lists_champion_then_challenger(tmp_path: Path) -> None:
@@ -145,6 +272,33 @@ def test_retraining_promotes_a_model_as_good_and_records_why(capsys: pytest.Capt
     challenger = run(["retrain", *SMALL, "--model-name", "lc-retrain", "--seed", "8", "--stage", "challenger",
                       "--margin", "1"], capsys)  # fmt: skip
     assert challenger["champion"] == again["tag"] and challenger["challenger"] == challenger["tag"]
+
+
+def test_retraining_never_replaces_a_champion_promoted_during_the_run(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The champion the challenger was judged against is read before training; if another
+    version is promoted while it trains, the challenger does not replace that one."""
+    first = run([*SMALL, "--model-name", "lc-race"], capsys)
+    other = run([*SMALL, "--model-name", "lc-race", "--seed", "8"], capsys)["tag"]  # stored, not staged
+    real_train = training_main.train
+
+    def train_then_someone_promotes(*args: object, **kwargs: object) -> TrainResult:
+        result = real_train(*args, **kwargs)  # type: ignore[arg-type]
+        registry.promote(other, reason="manual, meanwhile")
+        return result
+
+    monkeypatch.setattr(training_main, "train", train_then_someone_promotes)
+    raced = run(["retrain", *SMALL, "--model-name", "lc-race", "--margin", "1"], capsys)
+    why = f"the champion changed from {first['tag']} to {other} during the run"
+    assert raced["decision"]["promote"] is False and raced["decision"]["reason"] == why
+    assert raced["champion"] == other != raced["tag"]
+    assert bentoml.models.get(raced["tag"]).info.labels.get("stage") is None
+    reg = registry.load("lc-race")
+    assert (reg.champion, reg.history) == (other, [first["tag"]])
+    refused = reg.events[-1]
+    expected = ("promote_refused", raced["tag"], first["tag"], other)
+    assert (refused["action"], refused["tag"], refused["champion"], refused["current_champion"]) == expected
 
 
 def test_plain_training_does_not_replace_the_champion(capsys: pytest.CaptureFixture[str]) -> None:
