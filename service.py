@@ -37,6 +37,7 @@ from models.serving.bentoml_patches import (
     delay_sigterm,
     metrics_dir_per_serve,
     patch_openapi,
+    retire_sessions_when_idle,
     separate_monitor_logs,
     skip_unexported_tracing,
 )
@@ -53,6 +54,7 @@ cache_media_types()
 separate_monitor_logs()
 skip_unexported_tracing()
 metrics_dir_per_serve()
+retire_sessions_when_idle()
 cap_batch_wait(settings.max_batch_wait_ms / 1000)
 # Exact versions, resolved once: `bentoml build` pins what this resolves to.
 PLAN = serving_plan(settings, Path(__file__))

@@ -72,11 +72,16 @@ class RecsysSettings(BaseSettings):
         2.0, ge=0, description="Longest the batcher holds a request hoping for a fuller batch "
         "(BentoML learns it from traffic; uncapped it stuck at ~20 ms after bursts)."
     )
-    # BentoML 1.4 recycles the caller's connection to a dependency every 100 requests and
-    # closes it with requests in flight (500 "Server disconnected" under bursts). Large
-    # limits keep one connection alive; see ../shared/NOTES.md.
-    runner_max_requests: int = Field(10_000_000, ge=1, description="Requests per runner connection.")
-    runner_max_age_s: float = Field(1e9, gt=0, description="Age limit of a runner connection.")
+    # The API's connections to the ranking service are renewed after this age or count, so
+    # that behind one Service address they reach pods the autoscaler added (old ones are
+    # closed once idle: `retire_sessions_when_idle` in bentoml_patches.py).
+    runner_max_requests: int = Field(
+        100_000, ge=1, description="Requests per runner session (pool of connections) before it is renewed."
+    )
+    runner_max_age_s: float = Field(
+        15.0, gt=0, description="Age in seconds after which a runner session is renewed: an added "
+        "ranking service behind the same address gets its share within about this time."
+    )
 
     ranker_shutdown_grace_s: float = Field(
         3.0, ge=0, description="Seconds the ranking service keeps serving after SIGTERM, so the "
