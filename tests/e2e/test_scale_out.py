@@ -199,3 +199,5 @@ def test_a_ranking_service_added_behind_the_address_gets_its_share(
         f"proxy connections: {dict(proxy.connections)}"
     )
     assert set(outcomes) == {"200"}, f"failed requests: {outcomes}"
+    print(f"share {share:.0%} after {samples[-1][0] - added:.0f} s; requests {dict(outcomes)}; "
+          f"proxy connections {dict(proxy.connections)}")
