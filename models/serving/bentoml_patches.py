@@ -32,7 +32,8 @@ folder of its own below it, and removes those of serve processes that are gone.
 Runner connections: the caller of a dependency service renews its HTTP session (its pool of
 keep-alive connections) after `runner_connection.max_age` seconds or `max_requests`
 requests, and BentoML closes the old session at once, with requests still in flight on it
-(500 "Server disconnected" under bursts: 9 to 34 of 200). `retire_sessions_when_idle` makes
+(500s and 503s: 5 of a 500-request burst with renewal every 50 calls, 72 of 5,272 requests
+at 32 clients with renewal every 100). `retire_sessions_when_idle` makes
 the new session current and closes the old one only once none of its connections is in use
 (at the latest after the client's timeout, when aiohttp has failed whatever was left). With
 that, connections can be renewed often, so that the ones behind one Service address spread
@@ -342,7 +343,7 @@ def retire_sessions_when_idle(poll_s: float = 0.25) -> None:
         return await original_get(self)
 
     async def close(self: Any) -> None:
-        retiring = self.__dict__.get(_RETIRING, set())
+        retiring = list(self.__dict__.get(_RETIRING, ()))
         for task in retiring:
             task.cancel()  # each closes its session on the way out
         await asyncio.gather(*retiring, return_exceptions=True)
@@ -350,7 +351,6 @@ def retire_sessions_when_idle(poll_s: float = 0.25) -> None:
 
     manager.get_session = _replacing(original_get, get_session)
     manager.close = _replacing(original_close, close)
-
 
 
 async def _close_when_idle(session: Any, limit_s: float | None, poll_s: float) -> None:
@@ -371,7 +371,7 @@ async def _close_when_idle(session: Any, limit_s: float | None, poll_s: float) -
 
 def _in_use(connector: Any) -> bool:
     # aiohttp 3.14 internals: `_acquired` holds connections in use and those being opened,
-    # `_waiters` the requests queued for a free one (test_bentoml_patches.py checks them).
+    # `_waiters` the requests queued for a free one (test_bentoml_patches.py checks this).
     if connector is None or connector.closed:
         return False
     return bool(connector._acquired) or any(connector._waiters.values())

@@ -149,8 +149,10 @@ async def _renew_during_a_request() -> tuple[str, bool, bool]:
     manager (a dependency's client) renews its session. Returns (how the held request
     ended, whether the old session was closed while it was held, whether it is closed
     after the request, polled with a deadline)."""
-    from aiohttp import web
     from _bentoml_impl.client.proxy2 import SessionManager
+    from aiohttp import web
+
+    from models.serving.bentoml_patches import _in_use
 
     arrived, release = asyncio.Event(), asyncio.Event()
 
@@ -186,6 +188,9 @@ async def _renew_during_a_request() -> tuple[str, bool, bool]:
         async with new.get("/fast") as resp:
             assert await resp.text() == "fast"
         closed_while_held = old.closed
+        # What the patch waits for (aiohttp internals): the held request keeps the old
+        # session's connector in use.
+        assert closed_while_held or _in_use(old.connector)
         release.set()
         try:
             outcome = await asyncio.wait_for(request, 5)
