@@ -33,11 +33,11 @@ Runner connections: the caller of a dependency service renews its HTTP session (
 keep-alive connections) after `runner_connection.max_age` seconds or `max_requests`
 requests, and BentoML closes the old session at once, with requests still in flight on it
 (500s and 503s: 5 of a 500-request burst with renewal every 50 calls, 72 of 5,272 requests
-at 32 clients with renewal every 100). `retire_sessions_when_idle` makes
-the new session current and closes the old one only once none of its connections is in use
-(at the latest after the client's timeout, when aiohttp has failed whatever was left). With
-that, connections can be renewed often, so that the ones behind one Service address spread
-over the pods that the address now reaches, new ones included (settings.py).
+at 32 clients with renewal every 100). `retire_sessions_when_idle` makes the new session
+current and closes the old one only once none of its connections is in use (at the latest
+after the client's timeout, when aiohttp has failed whatever was left). With that,
+connections can be renewed often, so that the ones behind one Service address spread over
+the pods that the address now reaches, new ones included (settings.py).
 
 Monitor logs: every `bentoml.monitor` name shares two process-wide loggers, so a second
 monitor name in a worker took over the first one's records (`separate_monitor_logs`).
