@@ -43,6 +43,7 @@ from models.serving.bentoml_patches import (
     json_server_logs,
     metrics_dir_per_serve,
     patch_openapi,
+    retire_sessions_when_idle,
     separate_monitor_logs,
     skip_unexported_tracing,
 )
@@ -60,6 +61,7 @@ separate_monitor_logs(settings.monitor_max_bytes, settings.monitor_backups)
 skip_unexported_tracing()
 client_errors_in_one_line()
 metrics_dir_per_serve()
+retire_sessions_when_idle()
 cap_batch_wait(settings.max_batch_wait_ms / 1000)
 # Exact versions, resolved once: `bentoml build` pins what this resolves to.
 PLAN = serving_plan(settings, Path(__file__))

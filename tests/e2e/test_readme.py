@@ -112,7 +112,8 @@ def test_readme_training_lines_parse(line: str) -> None:
 def test_readme_settings_table_matches_the_settings_class() -> None:
     documented = set(re.findall(r"`RECSYS_([A-Z_]+)`", README))
     fields = {name.upper() for name in RecsysSettings.model_fields}
-    # connection-recycling limits are a workaround, documented in the settings class itself
+    # the runner-session renewal limits are documented in the settings class and in the
+    # README's section on BentoML's issues, not in this table
     assert documented == fields - {"RUNNER_MAX_REQUESTS", "RUNNER_MAX_AGE_S"}
 
 

@@ -174,14 +174,31 @@ def test_probes_and_metrics(server: ServerProcess, client: bentoml.SyncHTTPClien
     assert "bentoml_service_request_total" in metrics and 'endpoint="/recommend"' in metrics
 
 
+@pytest.fixture(params=["defaults", "renewing"])
+def burst_server(request: pytest.FixtureRequest, trained: TrainResult, bentoml_home: Path) -> Iterator[ServerProcess]:
+    """The session's server (default settings), and one that renews its runner session every
+    50 calls, so that a burst crosses many renewals."""
+    if request.param == "defaults":
+        yield request.getfixturevalue("server")
+        return
+    proc = start_server(["service:ApiService"], cwd=PROJECT_ROOT,
+                        env={"BENTOML_HOME": str(bentoml_home), "RECSYS_MODEL_TAG": str(trained.tag),
+                             "RECSYS_RUNNER_MAX_REQUESTS": "50"})  # fmt: skip
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
 def test_burst_of_concurrent_requests_has_no_errors(
-    server: ServerProcess, version: ModelVersion, local: Recommender
+    burst_server: ServerProcess, version: ModelVersion, local: Recommender
 ) -> None:
     """500 concurrent /recommend and 1-row /score requests through the API to the ranking
     service, each answered with exactly its own result: the API workers join concurrent
     scoring calls (models/serving/batching.py), so a slice handed to the wrong caller would show
-    here. With BentoML's default runner_connection (recycled every 100 requests) some came
-    back 500."""
+    here. BentoML closes a renewed runner session with calls in flight (with renewal every 50
+    calls, 503s); `retire_sessions_when_idle` closes it once idle (bentoml_patches.py)."""
+    server = burst_server
     users = [str(u) for u in local.tables.user_ids[:60]]
     expected = {u: [x["item_id"] for x in expected_recommendation(version, local, u, 10, True)] for u in users}
     features = local.prepare_recommend(0, exclude_seen=True).features[:60]
@@ -201,7 +218,7 @@ def test_burst_of_concurrent_requests_has_no_errors(
                     return f"error: {err}"
                 return "ok" if [x["item_id"] for x in r["items"]] == expected[user] else f"wrong items for {user}"
             out: list[str] = []
-            for _ in range(2):  # two waves of 250: past the default recycling point twice
+            for _ in range(2):  # two waves of 250
                 out += await asyncio.gather(*(one(i) for i in range(250)))
             return out
 

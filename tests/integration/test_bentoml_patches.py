@@ -3,11 +3,13 @@ still needed (if BentoML's own document becomes right, the second test says so).
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import json
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from models.serving.bentoml_patches import GUARD_RESPONSES
@@ -213,3 +215,88 @@ def test_dependency_clients_take_no_token_so_the_header_is_set_by_hand() -> None
     proxy = RemoteProxy("http://127.0.0.1:9")
     authorize_dependency(proxy, "t0ken")
     assert proxy.to_async._session_manager._headers["Authorization"] == "Bearer t0ken"
+
+
+async def _renew_during_a_request() -> tuple[str, bool, bool]:
+    """A real aiohttp server on loopback holds one request open while BentoML's session
+    manager (a dependency's client) renews its session. Returns (how the held request
+    ended, whether the old session was closed while it was held, whether it is closed
+    after the request, polled with a deadline)."""
+    from _bentoml_impl.client.proxy2 import SessionManager
+    from aiohttp import web
+
+    from models.serving.bentoml_patches import _in_use
+
+    arrived, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        arrived.set()
+        await release.wait()
+        return web.Response(text="done")
+
+    async def fast(request: web.Request) -> web.Response:
+        return web.Response(text="fast")
+
+    app = web.Application()
+    app.router.add_get("/slow", slow)
+    app.router.add_get("/fast", fast)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    # max_age 0: every get_session finds the session due for renewal.
+    manager = SessionManager(f"http://127.0.0.1:{port}", timeout=10, headers={}, max_age=0.0)
+    try:
+        old = await manager.get_session()
+
+        async def held() -> str:
+            async with old.get("/slow") as resp:
+                return await resp.text()
+
+        request = asyncio.create_task(held())
+        await asyncio.wait_for(arrived.wait(), 5)
+        new = await manager.get_session()  # renewal with the request in flight
+        assert new is not old and not new.closed
+        async with new.get("/fast") as resp:
+            assert await resp.text() == "fast"
+        closed_while_held = old.closed
+        # What the patch waits for (aiohttp internals): the held request keeps the old
+        # session's connector in use.
+        assert closed_while_held or _in_use(old.connector)
+        release.set()
+        try:
+            outcome = await asyncio.wait_for(request, 5)
+        except aiohttp.ClientConnectionError as err:
+            outcome = f"{type(err).__name__}: {err}"
+        deadline = asyncio.get_running_loop().time() + 5
+        while not old.closed and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        return outcome, closed_while_held, old.closed
+    finally:
+        await manager.close()
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("patched", [True, False], ids=["patched", "bentoml-own"])
+def test_renewed_runner_session_closes_only_when_idle(patched: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """BentoML's own SessionManager closes the session it renews with a request still in
+    flight on it (the 500s "Server disconnected" under bursts); the patched one lets the
+    request finish and closes the old session afterwards. If BentoML's own stops failing
+    the request, the patch can go."""
+    from _bentoml_impl.client.proxy2 import SessionManager
+
+    from models.serving.bentoml_patches import retire_sessions_when_idle
+
+    retire_sessions_when_idle()
+    if not patched:
+        monkeypatch.setattr(SessionManager, "get_session", SessionManager.get_session.__wrapped__)
+        monkeypatch.setattr(SessionManager, "close", SessionManager.close.__wrapped__)
+    outcome, closed_while_held, closed_after = asyncio.run(_renew_during_a_request())
+    if patched:
+        assert (outcome, closed_while_held, closed_after) == ("done", False, True)
+    else:
+        assert closed_while_held and outcome != "done", (
+            f"BentoML no longer closes a renewed session under a request ({outcome!r}): "
+            "drop retire_sessions_when_idle"
+        )
