@@ -112,9 +112,7 @@ def test_readme_training_lines_parse(line: str) -> None:
 def test_readme_settings_table_matches_the_settings_class() -> None:
     documented = set(re.findall(r"`RECSYS_([A-Z_]+)`", README))
     fields = {name.upper() for name in RecsysSettings.model_fields}
-    # the runner-session renewal limits are documented in the settings class and in the
-    # README's section on BentoML's issues, not in this table
-    assert documented == fields - {"RUNNER_MAX_REQUESTS", "RUNNER_MAX_AGE_S"}
+    assert documented == fields
 
 
 def test_readme_metric_names_exist(server: ServerProcess) -> None:
