@@ -98,6 +98,12 @@ _PATCHED = "__recsys_openapi_patched__"
 _RETIRING = "_recsys_retiring_sessions"  # a SessionManager's closing tasks
 
 
+def _unpatched(current: Any) -> Any:
+    """BentoML's own version of `current`, whether or not this module replaced it already
+    (patching again, with other settings, replaces the earlier patch)."""
+    return current.__wrapped__ if getattr(current, _PATCHED, False) else current
+
+
 def _replacing(original: Any, replacement: Any) -> Any:
     """Mark `replacement` as this module's patch of `original` (so that a second call is a
     no-op, and tests reach BentoML's own version through `__wrapped__`)."""
@@ -231,7 +237,7 @@ def cap_batch_wait(max_wait_s: float) -> None:
     dispatcher = importlib.import_module("bentoml._internal.marshal.dispatcher")
     optimizer = dispatcher.Optimizer
     current = optimizer.trigger_refresh
-    original = current.__wrapped__ if getattr(current, _PATCHED, False) else current
+    original = _unpatched(current)
 
     def trigger_refresh(self: Any) -> None:
         original(self)
@@ -307,7 +313,7 @@ def separate_monitor_logs(max_bytes: int, backups: int, queue_size: int = 10_000
     monitoring = importlib.import_module("bentoml._internal.monitoring.default")
     monitor_cls = monitoring.DefaultMonitor
     current = monitor_cls._init_logger
-    original = current.__wrapped__ if getattr(current, _PATCHED, False) else current
+    original = _unpatched(current)
 
     def _init_logger(self: Any) -> None:
         if self.log_config_file is not None:
@@ -415,7 +421,7 @@ def client_errors_in_one_line() -> None:
 
     app_module = importlib.import_module("_bentoml_impl.server.app")
     current = app_module.log_exception
-    original = current.__wrapped__ if getattr(current, _PATCHED, False) else current
+    original = _unpatched(current)
 
     def log_exception(request: Any, exc_info: Any = True) -> None:
         err = sys.exc_info()[1]
@@ -433,7 +439,7 @@ def client_errors_in_one_line() -> None:
 
     factory = app_module.ServiceAppFactory
     wrapper = factory.api_endpoint_wrapper
-    original_wrapper = wrapper.__wrapped__ if getattr(wrapper, _PATCHED, False) else wrapper
+    original_wrapper = _unpatched(wrapper)
 
     async def api_endpoint_wrapper(self: Any, name: str, request: Any) -> Any:
         response = await original_wrapper(self, name, request)
