@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import gc
-import operator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,7 +19,7 @@ from pydantic import Field, StrictBool, StrictInt
 import models
 from models.core.ranking import predict_scores
 from models.core.recommender import Recommender
-from models.core.schema import FEATURE_DTYPE, FEATURE_NAMES, N_FEATURES
+from models.core.schema import FEATURE_DTYPE, N_FEATURES
 from models.lifecycle.store import ModelCheckError, open_version
 from models.serving.api_schema import (
     ExternalId,
@@ -31,6 +30,7 @@ from models.serving.api_schema import (
     Routing,
     ScoreResponse,
     VersionInfo,
+    feature_matrix,
 )
 from models.serving.batching import JoinedCalls
 from models.serving.bentoml_patches import (
@@ -102,15 +102,6 @@ batched_api = functools.partial(
 
 def _model(tag: str | None) -> bentoml.models.BentoModel | None:
     return bentoml.models.BentoModel(tag) if tag else None
-
-
-_feature_values = operator.attrgetter(*FEATURE_NAMES)
-
-
-def feature_matrix(rows: list[Any]) -> np.ndarray:
-    """The rows' features in schema order, without Python code per row or per value
-    (attrgetter and np.array loop in C): ~2x faster than a comprehension of getattr."""
-    return np.array(list(map(_feature_values, rows)), dtype=FEATURE_DTYPE).reshape(len(rows), N_FEATURES)
 
 
 def _check_features(features: np.ndarray) -> np.ndarray:
