@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -17,6 +18,19 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 PROBE_PATHS = frozenset({"/healthz", "/livez", "/readyz"})
+
+
+# The same logger as BentoML's 400s (models/serving/bentoml_patches.py): a client's error is
+# one WARNING line that names the request and the rule, never a value or a key.
+_client_log = logging.getLogger("recsys.client_errors")
+
+
+async def _refuse(send: Send, scope: Scope, status: int, error: str, headers: dict[str, str] | None = None) -> None:
+    _client_log.warning("%s %s %d: %s", scope.get("method"), scope.get("path"), status, _RULES[status])
+    await _reply(send, status, error, headers)
+
+
+_RULES = {401: "missing or invalid API key", 413: "body over RECSYS_MAX_BODY_BYTES", 415: "not JSON"}
 
 
 async def _reply(send: Send, status: int, error: str, headers: dict[str, str] | None = None) -> None:
@@ -104,18 +118,18 @@ class RequestGuard:
             if scope.get("method") == "GET":
                 scope = {**scope, "method": "POST"}
         if not self._authorized(scope):
-            await _reply(send, 401, "missing or invalid API key; send the header "
+            await _refuse(send, scope, 401, "missing or invalid API key; send the header "
                          "'Authorization: Bearer <key>'", {"www-authenticate": "Bearer"})  # fmt: skip
             return
         content_type = self._content_type(scope)
         if content_type not in (None, b"application/json"):
             # BentoML answers other types (multipart, form) with a 500; JSON is all we take.
-            await _reply(send, 415, f"Content-Type {content_type.decode(errors='replace')!r} is not "
+            await _refuse(send, scope, 415, f"Content-Type {content_type.decode(errors='replace')!r} is not "
                          "supported; send application/json")  # fmt: skip
             return
         declared = self._declared_length(scope)
         if declared is not None and declared > self.max_body_bytes:
-            await _reply(send, 413, f"request body of {declared} bytes is over the limit of "
+            await _refuse(send, scope, 413, f"request body of {declared} bytes is over the limit of "
                          f"{self.max_body_bytes} bytes (RECSYS_MAX_BODY_BYTES)")  # fmt: skip
             return
         # The in-flight bound before any buffering: a body is only read into memory for a
@@ -129,7 +143,7 @@ class RequestGuard:
             if declared is None and scope.get("method") in ("POST", "PUT", "PATCH"):
                 receive, too_large = await self._buffer_body(receive)
                 if too_large:
-                    await _reply(send, 413, f"request body is over the limit of {self.max_body_bytes} "
+                    await _refuse(send, scope, 413, f"request body is over the limit of {self.max_body_bytes} "
                                  "bytes (RECSYS_MAX_BODY_BYTES)")  # fmt: skip
                     return
             await self.app(scope, receive, _retry_after_on_503(send))
@@ -181,7 +195,7 @@ class TokenGuard:
         if scope["type"] == "http" and scope["path"] not in self.OPEN_PATHS:
             given = next((v for k, v in scope.get("headers", []) if k == b"authorization"), b"")
             if not hmac.compare_digest(given[:7].lower() + given[7:].strip(), self._expected):
-                await _reply(send, 401, "the ranking service needs the internal token "
+                await _refuse(send, scope, 401, "the ranking service needs the internal token "
                              "('Authorization: Bearer <RECSYS_RANKER_TOKEN>')", {"www-authenticate": "Bearer"})  # fmt: skip
                 return
         await self.app(scope, receive, send)

@@ -140,3 +140,23 @@ def test_a_503_from_the_service_carries_retry_after() -> None:
     asyncio.run(guard(scope, receive, send))
     assert sent[0]["status"] == 503
     assert (b"retry-after", b"1") in sent[0]["headers"]
+
+
+@pytest.mark.parametrize(
+    ("headers", "chunks", "status"),
+    [
+        ({"Authorization": "Bearer wrong-key-value"}, [b"{}"], 401),
+        ({"Authorization": "Bearer key1", "content-type": "text/plain"}, [b"x"], 415),
+        ({"Authorization": "Bearer key1", "content-length": "101"}, [b"x" * 101], 413),
+    ],
+)
+def test_a_refused_request_is_one_warning_line_without_its_key(
+    caplog: pytest.LogCaptureFixture, headers: dict[str, str], chunks: list[bytes], status: int
+) -> None:
+    with caplog.at_level("INFO", logger="recsys.client_errors"):
+        got, _ = call(make(["key1"], limit=100), "/recommend", headers, chunks)
+    assert got == status
+    lines = [r for r in caplog.records if r.name == "recsys.client_errors"]
+    assert len(lines) == 1 and lines[0].levelname == "WARNING"
+    assert lines[0].getMessage().startswith(f"POST /recommend {status}: ")
+    assert "wrong-key-value" not in caplog.text and "key1" not in caplog.text
