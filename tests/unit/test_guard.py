@@ -140,3 +140,13 @@ def test_a_503_from_the_service_carries_retry_after() -> None:
     asyncio.run(guard(scope, receive, send))
     assert sent[0]["status"] == 503
     assert (b"retry-after", b"1") in sent[0]["headers"]
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [("/ui", 200), ("/ui/", 200), ("/ui/api/users", 401), ("/ui/x", 401), ("/uix", 401), ("/recommend", 401)],
+)
+def test_only_the_exact_public_paths_pass_without_a_key(path: str, status: int) -> None:
+    guard = RequestGuard(echo_app, api_keys=["key1"], max_body_bytes=100, max_in_flight=10,
+                         public_paths=frozenset({"/ui", "/ui/"}))  # fmt: skip
+    assert call(guard, path, {}, [b"{}"])[0] == status
