@@ -31,7 +31,7 @@ PUBLIC_PATHS = frozenset({UI_PATH, UI_PATH + "/"})
 PAGE_FILE = Path(__file__).with_name("ui.html")
 MAX_USERS = 1000
 MAX_HISTORY = 500
-DEFAULTS = {"limit_users": 200, "limit_history": 30}
+DEFAULTS = {"limit_users": 200, "limit_history": 10}
 
 
 def _bad_input(field: str, rule: str, given: Any) -> JSONResponse:
@@ -82,7 +82,9 @@ def ui_app(ranking: Callable[[], Ranking]) -> Starlette:
         recent = seen[::-1][:limit]  # most recent first
         rows = rec.describe(recent, None)
         items = [{k: row[k] for k in ("item_id", "title", "genres")} for row in rows]
-        return JSONResponse({"user_id": user_id, "known": user is not None, "total": len(seen), "items": items})
+        return JSONResponse(
+            {"user_id": user_id, "known": user is not None, "total": len(seen), "items": items}
+        )
 
     async def reports(request: Request) -> Response:
         """The report PNGs each served version holds (whatever training wrote there)."""

@@ -21,11 +21,13 @@ from tests.helpers import PROJECT_ROOT, ServerProcess, start_server
 from training.pipeline import TrainResult
 
 pytestmark = pytest.mark.e2e
-webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (requirements-dev.txt)")
-from selenium.common.exceptions import TimeoutException  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+webdriver = pytest.importorskip(
+    "selenium.webdriver", reason="selenium is not installed (requirements-dev.txt)"
+)
+from selenium.common.exceptions import TimeoutException
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support.ui import WebDriverWait
 
 KEY = "ui-test-key-0123456789"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -36,7 +38,7 @@ WAIT_S = 30
 CHROMIUM_FLAGS = (
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--window-size=1280,1700",
+    "--window-size=1280,1800",
 )  # fmt: skip
 MAX_SCREENSHOT_BYTES = 300_000
 
@@ -79,7 +81,9 @@ def wait_for(driver: WebDriver, what: str, condition: Any) -> Any:
     except TimeoutException as err:
         state = driver.execute_script("return document.body.dataset.state")
         shown = driver.find_element(By.ID, "status").text
-        raise AssertionError(f"{what}: not within {WAIT_S} s (page state {state!r}, status {shown!r})") from err
+        raise AssertionError(
+            f"{what}: not within {WAIT_S} s (page state {state!r}, status {shown!r})"
+        ) from err
 
 
 def page_state(driver: WebDriver) -> str | None:
@@ -141,14 +145,16 @@ def test_the_shell_is_public_and_its_data_needs_the_key(guarded: ServerProcess) 
         ("/ui/api/reports/champion/..%2F..%2Fsaved_model.ubj", 404, None),
     ],
 )
-def test_page_routes_name_what_is_wrong(guarded: ServerProcess, path: str, status: int, named: str | None) -> None:
+def test_page_routes_name_what_is_wrong(
+    guarded: ServerProcess, path: str, status: int, named: str | None
+) -> None:
     resp = httpx.get(f"{guarded.url}{path}", headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
     assert resp.status_code == status
     if named is not None:
         assert named in resp.json()["error"]
 
 
-def test_no_data_is_shown_without_the_key(guarded: ServerProcess, browser: WebDriver, tmp_path: Path) -> None:
+def test_no_data_is_shown_without_the_key(browser: WebDriver, guarded: ServerProcess, tmp_path: Path) -> None:
     open_page(browser, guarded.url)
     wait_for(browser, "the page asks for a key", lambda d: page_state(d) == "needs-key")
     show_user(browser, "u1")
@@ -158,11 +164,17 @@ def test_no_data_is_shown_without_the_key(guarded: ServerProcess, browser: WebDr
         browser.find_element(By.ID, "key-save").click()
         wait_for(browser, f"key {key!r} refused", lambda d: page_state(d) == "needs-key")
     save_screenshot(browser, tmp_path / "ui-without-key.png")
-    assert browser.find_elements(By.CSS_SELECTOR, "#recs tbody tr, #history tbody tr, #user-list option") == []
-    assert browser.find_element(By.ID, "models").text == "" and browser.find_element(By.ID, "drift").text == ""
+    assert (
+        browser.find_elements(By.CSS_SELECTOR, "#recs tbody tr, #history tbody tr, #user-list option") == []
+    )
+    assert (
+        browser.find_element(By.ID, "models").text == "" and browser.find_element(By.ID, "drift").text == ""
+    )
 
 
-def test_the_page_shows_what_recommend_answers(guarded: ServerProcess, browser: WebDriver, tmp_path: Path) -> None:
+def test_the_page_shows_what_recommend_answers(
+    browser: WebDriver, guarded: ServerProcess, tmp_path: Path
+) -> None:
     auth = {"Authorization": f"Bearer {KEY}"}
     open_page(browser, guarded.url)
     wait_for(browser, "the key prompt", lambda d: page_state(d) == "needs-key")
@@ -179,6 +191,9 @@ def test_the_page_shows_what_recommend_answers(guarded: ServerProcess, browser: 
         if {i["source"] for i in answers[user_id]["items"]} == {COOCCURRENCE, POPULARITY}:
             break
     user_id, expected = next(reversed(answers.items()))
+    # Reloaded: the tab keeps its key, and the drift chart now counts the requests above.
+    browser.refresh()
+    wait_for(browser, "the page reloaded with the kept key", lambda d: page_state(d) == "ready")
     show_user(browser, user_id)
     wait_for(browser, f"recommendations for {user_id}",
              lambda d: d.find_element(By.ID, "recs").get_attribute("data-user") == user_id)  # fmt: skip
@@ -192,14 +207,18 @@ def test_the_page_shows_what_recommend_answers(guarded: ServerProcess, browser: 
     note = browser.find_element(By.ID, "recs-note").text
     assert expected["model_tag"] in note and expected["variant"] in note
 
-    history = httpx.get(f"{guarded.url}/ui/api/history", params={"user_id": user_id}, headers=auth, timeout=10).json()
+    history = httpx.get(
+        f"{guarded.url}/ui/api/history", params={"user_id": user_id}, headers=auth, timeout=10
+    ).json()
     titles = [c.text for c in browser.find_elements(By.CSS_SELECTOR, "#history tbody tr td:nth-child(2)")]
     assert titles == [i["title"] for i in history["items"]] and titles
 
     model = httpx.post(f"{guarded.url}/model", json={}, headers=auth, timeout=10).json()
     assert model["tag"] in browser.find_element(By.ID, "models").text
     images = browser.find_elements(By.CSS_SELECTOR, "#models img")
-    assert images and all(browser.execute_script("return arguments[0].naturalWidth", img) > 0 for img in images)
+    assert images and all(
+        browser.execute_script("return arguments[0].naturalWidth", img) > 0 for img in images
+    )
     bars = browser.find_elements(By.CSS_SELECTOR, "#drift svg rect[data-feature]")
     assert [b.get_attribute("data-feature") for b in bars] == [*FEATURE_NAMES, "(score)"]
 
@@ -209,7 +228,7 @@ def test_the_page_shows_what_recommend_answers(guarded: ServerProcess, browser: 
         assert (PROJECT_ROOT / target).stat().st_size <= MAX_SCREENSHOT_BYTES
 
 
-def test_without_keys_the_page_needs_none(server: ServerProcess, browser: WebDriver) -> None:
+def test_without_keys_the_page_needs_none(browser: WebDriver, server: ServerProcess) -> None:
     open_page(browser, server.url)
     wait_for(browser, "the page loaded without a key", lambda d: page_state(d) == "ready")
     assert not browser.find_element(By.ID, "key-panel").is_displayed()
