@@ -53,6 +53,8 @@ from models.serving.orchestration import Ranking
 from models.serving.plan import serving_plan
 from models.serving.rankers import RankerPool
 from models.serving.settings import RecsysSettings
+from models.serving.ui import PUBLIC_PATHS as UI_PUBLIC_PATHS
+from models.serving.ui import UI_PATH, ui_app
 from models.serving.variants import Variant
 
 settings = RecsysSettings()  # configuration only: decorators below need it at import
@@ -311,12 +313,15 @@ class ApiService:
 READ_ONLY_ROUTES = frozenset({"/model", "/drift"})  # they answer GET too
 forbid_unknown_fields(ApiService)
 patch_openapi("ApiService", {api.route for api in ApiService.apis.values()}, models.__version__, READ_ONLY_ROUTES)
+# The page (models/serving/ui.py); the guard below wraps it like every route.
+ApiService.mount_asgi_app(ui_app(lambda: bentoml.get_current_service().ranking), path=UI_PATH, name="ui")
 ApiService.add_asgi_middleware(
     RequestGuard,
     api_keys=settings.api_key_list(),
     max_body_bytes=settings.max_body_bytes,
     max_in_flight=settings.max_in_flight,
     read_only_paths=READ_ONLY_ROUTES,
+    public_paths=UI_PUBLIC_PATHS,
 )
 if settings.ranker_token is not None:
     RankerService.add_asgi_middleware(TokenGuard, token=settings.ranker_token.get_secret_value())

@@ -5,11 +5,17 @@ popularity; merged, de-duplicated and (by default) without the items the user al
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
 from models.core.params import CandidateParams
 from models.core.tables import ServingTables
+
+# Where a candidate came from (the API shows it per recommended item).
+CandidateSource = Literal["cooccurrence", "popularity"]
+COOCCURRENCE: CandidateSource = "cooccurrence"
+POPULARITY: CandidateSource = "popularity"
 
 _EMPTY_I = np.zeros(0, dtype=np.int32)
 _EMPTY_F = np.zeros(0, dtype=np.float64)
@@ -80,18 +86,30 @@ def _without(values: np.ndarray, excluded: np.ndarray) -> np.ndarray:
     return values[~np.isin(values, excluded, kind="table")]
 
 
-def generate_candidates(
+def candidates_by_source(
     tables: ServingTables,
     user: int | None,
     params: CandidateParams,
     exclude_seen: bool = True,
-) -> tuple[np.ndarray, CoocScores]:
-    """Up to n_cooc co-occurrence candidates (best first) then up to n_pop popular items,
-    de-duplicated; items the user has are left out when `exclude_seen`."""
+) -> tuple[np.ndarray, np.ndarray, CoocScores]:
+    """Up to n_cooc co-occurrence candidates (best first) and up to n_pop popular items not
+    among them; items the user has are left out when `exclude_seen`."""
     cooc = cooc_scores(tables, recent_items(tables, user, params), params)
     seen = tables.history(user) if (exclude_seen and user is not None) else _EMPTY_I
     from_cooc = _without(cooc.items[cooc.order], seen)[: params.n_cooc]
     # Enough popular items that n_pop survive removing seen and already chosen ones.
     head = tables.pop_order[: params.n_pop + len(from_cooc) + len(seen)]
     from_pop = _without(_without(head, from_cooc), seen)[: params.n_pop]
+    return from_cooc.astype(np.int32), from_pop.astype(np.int32), cooc
+
+
+def generate_candidates(
+    tables: ServingTables,
+    user: int | None,
+    params: CandidateParams,
+    exclude_seen: bool = True,
+) -> tuple[np.ndarray, CoocScores]:
+    """The candidates of `candidates_by_source` in one list: co-occurrence first, then
+    popularity, de-duplicated."""
+    from_cooc, from_pop, cooc = candidates_by_source(tables, user, params, exclude_seen)
     return np.concatenate((from_cooc, from_pop)).astype(np.int32), cooc

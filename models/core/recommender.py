@@ -10,7 +10,14 @@ from typing import Any
 
 import numpy as np
 
-from models.core.candidates import cooc_scores, generate_candidates, recent_items
+from models.core.candidates import (
+    COOCCURRENCE,
+    POPULARITY,
+    CandidateSource,
+    candidates_by_source,
+    cooc_scores,
+    recent_items,
+)
 from models.core.features import build_features
 from models.core.params import CandidateParams
 from models.core.ranking import predict_scores, top_k
@@ -36,6 +43,9 @@ class Prepared:
     user: int | None  # None: unknown user (cold start)
     items: np.ndarray  # int32 item indices
     features: np.ndarray  # float32 (len(items), N_FEATURES)
+    # The first n_cooc items came from co-occurrence, the others from popularity; None when
+    # the client gave the items (/rank).
+    n_cooc: int | None = None
 
 
 class Recommender:
@@ -61,8 +71,9 @@ class Recommender:
         return np.asarray(idx, dtype=np.int32)
 
     def prepare_recommend(self, user: int, exclude_seen: bool) -> Prepared:
-        items, cooc = generate_candidates(self.tables, user, self.params, exclude_seen)
-        return Prepared(user, items, build_features(self.tables, user, items, cooc))
+        from_cooc, from_pop, cooc = candidates_by_source(self.tables, user, self.params, exclude_seen)
+        items = np.concatenate((from_cooc, from_pop))
+        return Prepared(user, items, build_features(self.tables, user, items, cooc), len(from_cooc))
 
     def prepare_rank(self, user: int | None, items: np.ndarray) -> Prepared:
         cooc = cooc_scores(self.tables, recent_items(self.tables, user, self.params), self.params)
@@ -71,8 +82,11 @@ class Recommender:
     def popular(self, k: int) -> np.ndarray:
         return self.tables.pop_order[:k]
 
-    def describe(self, items: np.ndarray, scores: np.ndarray | None) -> list[dict[str, Any]]:
-        """Response rows: id, score, rank (1-based) and attributes, in the given order."""
+    def describe(
+        self, items: np.ndarray, scores: np.ndarray | None, sources: list[CandidateSource] | None = None
+    ) -> list[dict[str, Any]]:
+        """Response rows: id, score, rank (1-based), candidate source and attributes, in the
+        given order."""
         rows = []
         for r, i in enumerate(items.tolist()):
             rows.append(
@@ -80,6 +94,7 @@ class Recommender:
                     "item_id": self._item_ids[i],
                     "score": float(scores[r]) if scores is not None else None,
                     "rank": r + 1,
+                    "source": sources[r] if sources is not None else None,
                     "title": self._titles[i],
                     "genres": self._genres[i],
                 }
@@ -93,7 +108,16 @@ class Recommender:
 
     def ranked(self, prepared: Prepared, scores: np.ndarray, k: int) -> list[dict[str, Any]]:
         items, top_scores = top_k(prepared.items, scores, k)
-        return self.describe(items, top_scores)
+        sources = None
+        if prepared.n_cooc is not None:
+            from_cooc = np.isin(items, prepared.items[: prepared.n_cooc])
+            sources = [COOCCURRENCE if c else POPULARITY for c in from_cooc.tolist()]
+        return self.describe(items, top_scores, sources)
+
+    def popular_described(self, k: int) -> list[dict[str, Any]]:
+        """The cold-start fallback's rows: the k most popular items, without scores."""
+        items = self.popular(k)
+        return self.describe(items, None, [POPULARITY] * len(items))
 
 
 
@@ -108,7 +132,7 @@ class LocalRanker:
         rec = self.recommender
         user = rec.user_index(user_id)
         if user is None:
-            return [row["item_id"] for row in rec.describe(rec.popular(k), None)]
+            return [row["item_id"] for row in rec.popular_described(k)]
         prepared = rec.prepare_recommend(user, exclude_seen)
         return [row["item_id"] for row in rec.ranked(prepared, self._predict(prepared.features), k)]
 

@@ -21,6 +21,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError, ValidationError
 
+from models.core.candidates import CandidateSource
 from models.core.schema import FEATURE_DTYPE, FEATURE_NAMES, FEATURES, N_FEATURES
 
 # Ids are JSON strings, also where a dataset's ids are numbers ("318", not 318): one type,
@@ -36,6 +37,12 @@ class RecommendedItem(BaseModel):
     item_id: str
     score: float | None = Field(description="Ranker score; null when a fallback answered.")
     rank: int = Field(description="1-based position.")
+    source: CandidateSource | None = Field(
+        default=None,
+        description="Which candidate generator proposed it: cooccurrence (with the user's recent "
+        "items) or popularity (also every item of a cold-start fallback); null for /rank, whose "
+        "items the client gave.",
+    )
     title: str
     genres: list[str]
 

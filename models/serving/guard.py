@@ -68,23 +68,26 @@ def _allowing_get(send: Send) -> Send:
 
 
 class RequestGuard:
-    """401 without a valid `Authorization: Bearer <key>` (when keys are set), 415 for a body
-    that is not JSON, 413 for bodies over `max_body_bytes`, 503 when `max_in_flight`
-    requests are already being served, and Retry-After on every 503."""
+    """401 without a valid `Authorization: Bearer <key>` (when keys are set; `public_paths`
+    excepted), 415 for a body that is not JSON, 413 for bodies over `max_body_bytes`, 503
+    when `max_in_flight` requests are already being served, and Retry-After on every 503."""
 
     def __init__(self, app: ASGIApp, api_keys: list[str], max_body_bytes: int, max_in_flight: int,
-                 read_only_paths: frozenset[str] = frozenset()) -> None:  # fmt: skip
+                 read_only_paths: frozenset[str] = frozenset(),
+                 public_paths: frozenset[str] = frozenset()) -> None:  # fmt: skip
         self.app = app
         # APIs that read and change nothing answer GET too: BentoML routes APIs as POST only,
         # so a GET there is passed on as a POST with no body.
         self.read_only_paths = read_only_paths
         self._keys = [k.encode() for k in api_keys]
+        # Exact paths served without a key (the /ui page's HTML shell, which holds no data).
+        self.public_paths = public_paths
         self.max_body_bytes = max_body_bytes
         self.max_in_flight = max_in_flight
         self._in_flight = 0
 
     def _authorized(self, scope: Scope) -> bool:
-        if not self._keys:
+        if not self._keys or scope["path"] in self.public_paths:
             return True
         for name, value in scope.get("headers", []):
             if name == b"authorization" and value[:7].lower() == b"bearer ":

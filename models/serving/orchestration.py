@@ -80,7 +80,7 @@ class Ranking:
         user = rec.user_index(user_id)
         if user is None:
             variant.drift.observe(NO_ROWS, NO_SCORES, cold=True, endpoint="recommend")
-            items = rec.describe(rec.popular(k), None)
+            items = rec.popular_described(k)
             reason: str | None = "unknown user: most popular items"
         else:
             prepared = rec.prepare_recommend(user, exclude_seen)

@@ -89,3 +89,24 @@ def test_model_tag_setting_is_used(service_module: ModuleType, monkeypatch: pyte
     svc = importlib.reload(service_module)
     assert [str(m.tag) for m in svc.RankerService.models] == ["recsys-ranker:abc123"]
     assert [str(m.tag) for m in svc.ApiService.models] == ["recsys-ranker:abc123"]
+
+
+def test_the_page_is_mounted_behind_the_guard_and_built_into_the_bento(service_module: ModuleType) -> None:
+    """The guard wraps BentoML's whole app, mounted apps included; only the page's shell is
+    public. The page's HTML is no .py file: the Bento's include must name it."""
+    from fnmatch import fnmatch
+    from pathlib import Path
+
+    import yaml
+
+    from models.serving.guard import RequestGuard
+    from models.serving.ui import PAGE_FILE, PUBLIC_PATHS, UI_PATH
+
+    api = service_module.ApiService
+    assert [path for _, path, _ in api.mount_apps] == [UI_PATH]
+    guards = [options for cls, options in api.middlewares if cls is RequestGuard]
+    assert len(guards) == 1 and guards[0]["public_paths"] == PUBLIC_PATHS == {UI_PATH, UI_PATH + "/"}
+    root = Path(service_module.__file__).parent
+    include = yaml.safe_load((root / "bentofile.yaml").read_text())["include"]
+    page = PAGE_FILE.relative_to(root).as_posix()
+    assert any(fnmatch(page, pattern) for pattern in include), f"{page} is not in bentofile.yaml's include {include}"

@@ -7,10 +7,18 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from models.core.candidates import cooc_scores, generate_candidates, recent_items
+from models.core.candidates import (
+    COOCCURRENCE,
+    POPULARITY,
+    candidates_by_source,
+    cooc_scores,
+    generate_candidates,
+    recent_items,
+)
 from models.core.features import COOC_RANK_NONE, build_features
 from models.core.params import CandidateParams
 from models.core.ranking import top_k
+from models.core.recommender import Recommender
 from models.core.schema import FEATURE_INDEX, N_FEATURES
 from models.core.tables import ServingTables
 
@@ -52,6 +60,28 @@ def test_top_k_of_candidates(
     if len(ranked) < len(items):
         rest = scores[~np.isin(items, ranked)]
         assert ranked_scores[-1] >= rest.max()
+
+
+@FIXTURES
+@given(user_frac=st.floats(0, 1, exclude_max=True), k=st.integers(1, 60), seed=st.integers(0, 2**31))
+def test_each_recommended_item_names_the_generator_that_proposed_it(
+    tables: ServingTables, params: CandidateParams, user_frac: float, k: int, seed: int
+) -> None:
+    """`source` is cooccurrence exactly for the items of the co-occurrence list, popularity
+    for the others (an item can be in both tables; the candidate list decides)."""
+    user = int(user_frac * tables.n_users)
+    from_cooc, from_pop, _ = candidates_by_source(tables, user, params)
+    rec = Recommender(tables, params)
+    prepared = rec.prepare_recommend(user, exclude_seen=True)
+    scores = np.random.default_rng(seed).normal(size=len(prepared.items)).astype(np.float32)
+    rows = rec.ranked(prepared, scores, k)
+    cooc_ids, pop_ids = set(tables.item_ids[from_cooc].tolist()), set(tables.item_ids[from_pop].tolist())
+    for row in rows:
+        assert row["source"] == (COOCCURRENCE if row["item_id"] in cooc_ids else POPULARITY)
+        assert row["item_id"] in cooc_ids | pop_ids
+    assert [r["source"] for r in rec.popular_described(k)] == [POPULARITY] * min(k, tables.n_items)
+    ranked = rec.ranked(rec.prepare_rank(user, prepared.items), scores, k)
+    assert {r["source"] for r in ranked} == {None}  # /rank: the client chose the items
 
 
 def test_top_k_keeps_candidate_order_on_ties() -> None:

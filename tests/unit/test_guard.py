@@ -160,3 +160,13 @@ def test_a_refused_request_is_one_warning_line_without_its_key(
     assert len(lines) == 1 and lines[0].levelname == "WARNING"
     assert lines[0].getMessage().startswith(f"POST /recommend {status}: ")
     assert "wrong-key-value" not in caplog.text and "key1" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [("/ui", 200), ("/ui/", 200), ("/ui/api/users", 401), ("/ui/x", 401), ("/uix", 401), ("/recommend", 401)],
+)
+def test_only_the_exact_public_paths_pass_without_a_key(path: str, status: int) -> None:
+    guard = RequestGuard(echo_app, api_keys=["key1"], max_body_bytes=100, max_in_flight=10,
+                         public_paths=frozenset({"/ui", "/ui/"}))  # fmt: skip
+    assert call(guard, path, {}, [b"{}"])[0] == status
