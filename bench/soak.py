@@ -86,8 +86,10 @@ def soak(url: str, pid: int, duration_s: float, warmup_s: float, load_share: flo
     sampler.join()
     after_warmup = [rss for t, rss in samples if t >= warmup_s]
     if len(after_warmup) < 2:
-        raise RuntimeError(f"only {len(after_warmup)} memory samples after the {warmup_s} s warm-up "
-                           f"({len(samples)} in all over {result.duration_s:.1f} s): the machine is too busy to judge")  # fmt: skip
+        raise RuntimeError(
+            f"only {len(after_warmup)} memory samples after the {warmup_s} s warm-up ({len(samples)} "
+            f"in all over {result.duration_s:.1f} s): the machine is too busy to judge"
+        )
     # median of the first and of the last few samples after warm-up: robust to one GC blip
     base = median(after_warmup[:5])
     end = median(after_warmup[-5:])
