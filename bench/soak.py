@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
+from statistics import median
 
 import psutil
 
@@ -36,6 +37,7 @@ class SoakReport:
     rss_end_mb: float
     rss_growth: float
     duration_s: float
+    failures: dict[str, int]  # non-200 statuses and client errors, by kind
 
     @property
     def passed(self) -> bool:
@@ -61,8 +63,13 @@ def body(i: int) -> dict[str, object]:
 
 def soak(url: str, pid: int, duration_s: float, warmup_s: float, load_share: float = 0.7) -> SoakReport:
     check_loopback(url)
+    if duration_s <= warmup_s + 5:
+        raise ValueError(f"duration {duration_s} s leaves no time after the {warmup_s} s warm-up to watch memory")
     endpoint = f"{url}/recommend"
-    saturation = asyncio.run(run_load(endpoint, body, concurrency=16, duration_s=5)).rps
+    probe = asyncio.run(run_load(endpoint, body, concurrency=16, duration_s=5))
+    if probe.ok == 0:
+        raise RuntimeError(f"{endpoint} answered no request while measuring saturation: {probe.summary()}")
+    saturation = probe.rps
     target = saturation * load_share
     samples: list[tuple[float, float]] = []
     stop = threading.Event()
@@ -78,9 +85,14 @@ def soak(url: str, pid: int, duration_s: float, warmup_s: float, load_share: flo
     stop.set()
     sampler.join()
     after_warmup = [rss for t, rss in samples if t >= warmup_s]
-    # median of the first few samples after warm-up: robust to one GC blip
-    base = sorted(after_warmup[:5])[len(after_warmup[:5]) // 2] if after_warmup else samples[0][1]
-    end = sorted(after_warmup[-5:])[len(after_warmup[-5:]) // 2] if after_warmup else samples[-1][1]
+    if len(after_warmup) < 2:
+        raise RuntimeError(
+            f"only {len(after_warmup)} memory samples after the {warmup_s} s warm-up ({len(samples)} "
+            f"in all over {result.duration_s:.1f} s): the machine is too busy to judge"
+        )
+    # median of the first and of the last few samples after warm-up: robust to one GC blip
+    base = median(after_warmup[:5])
+    end = median(after_warmup[-5:])
     return SoakReport(
         saturation_rps=round(saturation, 1),
         target_rps=round(target, 1),
@@ -92,6 +104,7 @@ def soak(url: str, pid: int, duration_s: float, warmup_s: float, load_share: flo
         rss_end_mb=round(end, 1),
         rss_growth=round((end - base) / base, 4),
         duration_s=round(result.duration_s, 1),
+        failures={**{f"status {c}": n for c, n in result.statuses.items() if c != 200}, **result.errors},
     )
 
 

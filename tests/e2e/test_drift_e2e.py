@@ -9,8 +9,7 @@ import os
 import re
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import pytest
 from models.core.recommender import Recommender
 from models.core.schema import FEATURE_NAMES
 from models.lifecycle.store import open_version
-from tests.helpers import PROJECT_ROOT, ServerProcess, start_server
+from tests.helpers import PROJECT_ROOT, ServerProcess, poll_until, start_server
 from training.pipeline import TrainResult
 
 pytestmark = pytest.mark.e2e
@@ -51,10 +50,11 @@ def local(trained: TrainResult) -> Recommender:
     return Recommender(version.load_tables(), version.params)
 
 
-def drift(server: ServerProcess) -> dict[str, Any]:
-    time.sleep(1.5)  # every worker writes its counts within a second
+def drift(server: ServerProcess, done: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    """The drift report once `done` holds: each worker writes its counts about once a second,
+    later on a busy machine."""
     with bentoml.SyncHTTPClient(server.url) as client:
-        return client.drift_status()  # type: ignore[no-any-return]
+        return poll_until(client.drift_status, 30, "drift counts of every worker", done, interval=0.5)
 
 
 def test_training_like_traffic_raises_no_alert(drift_server: ServerProcess, local: Recommender) -> None:
@@ -62,7 +62,7 @@ def test_training_like_traffic_raises_no_alert(drift_server: ServerProcess, loca
     with bentoml.SyncHTTPClient(drift_server.url) as client:
         for user in users[np.random.default_rng(1).permutation(len(users))[:300]]:
             client.recommend(user_id=str(user), k=10)
-    report = drift(drift_server)
+    report = drift(drift_server, lambda r: r["requests"] >= 300)
     assert report["requests"] == 300 and report["rows"] > 300
     alerts = {n: f["psi"] for n, f in report["features"].items() if f["status"] == "alert"}
     assert not alerts, alerts
@@ -87,7 +87,7 @@ def send_shifted_rows(server: ServerProcess, local: Recommender) -> int:
 
 def test_a_shifted_feature_alerts_alone(drift_server: ServerProcess, local: Recommender) -> None:
     sent = send_shifted_rows(drift_server, local)
-    report = drift(drift_server)
+    report = drift(drift_server, lambda r: r["rows"] >= sent)
     assert report["rows"] == sent
     statuses = {n: f["status"] for n, f in report["features"].items()}
     assert statuses.pop(SHIFTED) == "alert"
@@ -106,7 +106,7 @@ def test_two_api_workers_merge_to_the_rows_sent(drift_server: ServerProcess, loc
         body = {"rows": [dict(zip(FEATURE_NAMES, map(float, r))) for r in rows]}
         assert httpx.post(f"{drift_server.url}/score", json=body, timeout=30).status_code == 200
         sent += len(rows)
-    report = drift(drift_server)
+    report = drift(drift_server, lambda r: r["rows"] >= sent and r["workers"] >= 2)
     assert report["rows"] == sent and report["requests"] == 40
     assert report["workers"] == 2
 

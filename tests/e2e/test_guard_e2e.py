@@ -1,9 +1,10 @@
-"""The front door on a real server: API keys (on and off), the body limit, and overload
-answered with a quick 503 instead of a queue that times out."""
+"""The front door on a real server: API keys (on and off), JSON bodies only, the body
+limit, and overload answered with a quick 503 instead of a queue that times out."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,8 @@ import bentoml
 import httpx
 import pytest
 
+from models.core.schema import FEATURE_NAMES
+from models.lifecycle.store import open_version
 from models.serving.settings import RecsysSettings
 from tests.helpers import PROJECT_ROOT, ServerProcess, start_server
 from training.pipeline import TrainResult
@@ -110,3 +113,51 @@ def test_overload_is_a_quick_503_then_service_recovers(guarded: ServerProcess) -
     assert max(t for t, _ in rejected) < 5.0
     resp = httpx.post(f"{guarded.url}/recommend", json=BODY, headers=headers, timeout=10)
     assert resp.status_code == 200
+
+
+@pytest.fixture(scope="module")
+def valid_bodies(trained: TrainResult) -> dict[str, dict[str, object]]:
+    """A body each POST API answers 200, by route; every API of ApiService is here."""
+    import service
+
+    assert trained.tag is not None
+    item = str(open_version(trained.tag).load_tables().item_ids[0])
+    bodies: dict[str, dict[str, object]] = {
+        "/recommend": BODY, "/rank": {"user_id": "u1", "item_ids": [item]},
+        "/score": {"rows": [dict.fromkeys(FEATURE_NAMES, 0.5)]}, "/model": {}, "/drift": {},
+    }  # fmt: skip
+    assert set(bodies) == {api.route for api in service.ApiService.apis.values()}, "a new API: add its body"
+    return bodies
+
+
+ROUTES = ("/recommend", "/rank", "/score", "/model", "/drift")
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize(
+    "content_type",
+    ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
+     "application/vnd.bentoml+pickle"],
+)  # fmt: skip
+def test_a_body_that_is_not_json_is_a_415(
+    server: ServerProcess, valid_bodies: dict[str, dict[str, object]], route: str, content_type: str
+) -> None:
+    resp = httpx.post(f"{server.url}{route}", content=json.dumps(valid_bodies[route]),
+                      headers={"content-type": content_type}, timeout=10)  # fmt: skip
+    assert resp.status_code == 415, resp.text
+    assert "application/json" in resp.json()["error"] and content_type.split(";")[0] in resp.json()["error"]
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_a_json_body_without_content_type_is_read_as_json(
+    server: ServerProcess, valid_bodies: dict[str, dict[str, object]], route: str
+) -> None:
+    """BentoML reads a body without a Content-Type as JSON, and the guard lets it through:
+    the answer is the one an application/json request gets."""
+    body = json.dumps(valid_bodies[route])
+    bare = httpx.post(f"{server.url}{route}", content=body, timeout=10)
+    assert "content-type" not in bare.request.headers
+    typed = httpx.post(f"{server.url}{route}", content=body, headers={"content-type": "application/json"}, timeout=10)
+    assert (bare.status_code, typed.status_code) == (200, 200), (bare.text, typed.text)
+    if route != "/drift":  # the drift counts move with every request
+        assert bare.json() == typed.json()

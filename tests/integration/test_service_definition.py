@@ -1,5 +1,5 @@
 """The service declarations, checked without serving: the guards against the two BentoML
-1.4 bugs in ../shared/NOTES.md, and the settings that shape batching and resources."""
+1.4 bugs in ../shared/NOTES.md, and the declared resources as the manifests request them."""
 
 from __future__ import annotations
 
@@ -51,44 +51,26 @@ def test_runner_sessions_are_renewed_and_closed_only_when_idle(
     assert hasattr(SessionManager.get_session, "__wrapped__"), "retire_sessions_when_idle is not applied"
 
 
-def test_batching_workers_and_resources_come_from_settings(
-    service_module: ModuleType, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("RECSYS_MAX_BATCH_SIZE", "777")
-    monkeypatch.setenv("RECSYS_MAX_LATENCY_MS", "55")
-    monkeypatch.setenv("RECSYS_RANKER_WORKERS", "2")
-    monkeypatch.setenv("RECSYS_RANKER_CPU", "2")
-    monkeypatch.setenv("RECSYS_RANKER_MEMORY", "3Gi")
-    monkeypatch.setenv("RECSYS_API_WORKERS", "3")
-    monkeypatch.setenv("RECSYS_API_CPU", "4")
-    svc = importlib.reload(service_module)
-    api = svc.RankerService.apis["score"]
-    assert (api.max_batch_size, api.max_latency_ms) == (777, 55)
-    assert svc.RankerService.config["workers"] == 2
-    assert svc.RankerService.config["resources"] == {"cpu": "2", "memory": "3Gi"}
-    assert svc.ApiService.config["workers"] == 3
-    assert svc.ApiService.config["resources"] == {"cpu": "4", "memory": "1Gi"}
-    assert svc.ApiService.dependencies["ranker"].on is svc.RankerService
-    assert svc.ApiService.dependencies["ranker"].url is None  # a local ranking service
+def test_declared_resources_reach_the_manifests(service_module: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The resources each service declares (from settings) are what its Kubernetes
+    Deployment requests. Workers and batching limits are checked on real servers
+    (tests/e2e/test_settings_e2e.py), the model tag and the remote ranking service too
+    (tests/e2e/test_scaling.py)."""
+    from deploy.render import render
+
+    for name, value in [("RECSYS_RANKER_CPU", "2"), ("RECSYS_RANKER_MEMORY", "3Gi"), ("RECSYS_API_CPU", "4")]:
+        monkeypatch.setenv(name, value)
+    importlib.reload(service_module)
+    requests = {d["metadata"]["name"]: d["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]
+                for d in render() if d["kind"] == "Deployment"}  # fmt: skip
+    assert requests == {"recsys-ranker": {"cpu": "2", "memory": "3Gi"}, "recsys-api": {"cpu": "4", "memory": "1Gi"}}
 
 
-def test_ranker_urls_make_the_dependency_remote(service_module: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("RECSYS_RANKER_URLS", "http://10.0.0.1:3000/, http://10.0.0.2:3000")
-    svc = importlib.reload(service_module)
-    assert svc.RANKER_URLS == ["http://10.0.0.1:3000", "http://10.0.0.2:3000"]
-    assert svc.ApiService.dependencies["ranker"].url == "http://10.0.0.1:3000"
+def test_ranker_urls_are_trimmed_and_split() -> None:
+    from models.serving.settings import RecsysSettings
 
-
-def test_batching_can_be_switched_off(service_module: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("RECSYS_BATCHING", "false")
-    assert importlib.reload(service_module).RankerService.apis["score"].batchable is False
-
-
-def test_model_tag_setting_is_used(service_module: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("RECSYS_MODEL_TAG", "recsys-ranker:abc123")
-    svc = importlib.reload(service_module)
-    assert [str(m.tag) for m in svc.RankerService.models] == ["recsys-ranker:abc123"]
-    assert [str(m.tag) for m in svc.ApiService.models] == ["recsys-ranker:abc123"]
+    urls = RecsysSettings(ranker_urls="http://10.0.0.1:3000/, http://10.0.0.2:3000").ranker_url_list()
+    assert urls == ["http://10.0.0.1:3000", "http://10.0.0.2:3000"]
 
 
 def test_the_page_is_mounted_behind_the_guard_and_built_into_the_bento(service_module: ModuleType) -> None:

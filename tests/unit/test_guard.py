@@ -170,3 +170,26 @@ def test_only_the_exact_public_paths_pass_without_a_key(path: str, status: int) 
     guard = RequestGuard(echo_app, api_keys=["key1"], max_body_bytes=100, max_in_flight=10,
                          public_paths=frozenset({"/ui", "/ui/"}))  # fmt: skip
     assert call(guard, path, {}, [b"{}"])[0] == status
+
+
+@pytest.mark.parametrize(
+    ("content_type", "status"),
+    [
+        (None, 200),  # BentoML reads a body without a Content-Type as JSON: so does the guard
+        ("application/json", 200),
+        ("Application/JSON; charset=utf-8", 200),
+        ("text/plain", 415),
+        ("application/x-www-form-urlencoded", 415),
+        ("multipart/form-data; boundary=x", 415),
+        ("application/vnd.bentoml+pickle", 415),
+    ],
+)
+def test_only_json_bodies(content_type: str | None, status: int) -> None:
+    headers = {"content-type": content_type} if content_type else {}
+    got, body = call(make(), "/recommend", headers, [b'{"user_id": "u1"}'])
+    assert got == status
+    if status == 415:
+        error = json.loads(body)["error"]
+        assert f"'{str(content_type).split(';')[0].lower()}'" in error and "application/json" in error
+    else:
+        assert body == b'{"user_id": "u1"}'
