@@ -87,6 +87,8 @@ class Ranking:
             scores = await self.score(variant, prepared.features)
             variant.drift.observe(prepared.features, scores, cold=False, endpoint="recommend")
             items, reason = rec.ranked(prepared, scores, k), None
+        if user is None and not shadow:
+            self.traffic.fallback("recommend", variant.tag)
         self._served("recommend", variant, shadow, start, {"user_id": user_id, "k": k, "exclude_seen": exclude_seen}, items)
         return RecommendResponse(
             user_id=user_id, items=items, model_tag=variant.tag, variant=variant.role,
@@ -109,6 +111,8 @@ class Ranking:
         scores = await self.score(variant, prepared.features)
         variant.drift.observe(prepared.features, scores, cold=user is None, endpoint="rank")
         ranked = rec.ranked(prepared, scores, len(items))
+        if user is None and not shadow:
+            self.traffic.fallback("rank", variant.tag)
         self._served("rank", variant, shadow, start, {"user_id": user_id, "item_ids": item_ids}, ranked)
         return RankResponse(
             user_id=user_id, items=ranked, model_tag=variant.tag, variant=variant.role, cold_start=user is None,

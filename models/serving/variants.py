@@ -67,6 +67,12 @@ def _metrics() -> dict[str, Any]:
             labelnames=["endpoint", "model_version", "variant"],
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
         ),
+        "fallbacks": bentoml.metrics.Counter(
+            name="recsys_fallbacks_total",
+            documentation="Responses made without a history: /recommend for an unknown user (the "
+            "popularity fallback), /rank for an unknown user (cold start), by model version",
+            labelnames=["endpoint", "model_version"],
+        ),
         "shadow": bentoml.metrics.Counter(
             name="recsys_shadow_total",
             documentation="Shadow rankings by the challenger, by outcome (ok or the error type)",
@@ -88,6 +94,9 @@ class TrafficLog:
         m = _metrics()
         m["responses"].labels(endpoint=endpoint, model_version=model_tag, variant=variant).inc()
         m["latency"].labels(endpoint=endpoint, model_version=model_tag, variant=variant).observe(seconds)
+
+    def fallback(self, endpoint: str, model_tag: str) -> None:
+        _metrics()["fallbacks"].labels(endpoint=endpoint, model_version=model_tag).inc()
 
     def log_request(self, endpoint: str, variant: str, model_tag: str, request: dict[str, Any],
                     items: list[str]) -> None:  # fmt: skip

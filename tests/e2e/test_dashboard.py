@@ -205,7 +205,7 @@ def test_every_queried_metric_is_on_the_server(metrics_text: str) -> None:
 @pytest.mark.parametrize("expr", [
     "rate(recsys_responses_count[5m])",            # a wrong suffix
     "histogram_quantile(0.9, rate(recsys_ranking_seconds[5m]))",  # a histogram without _bucket
-    'sum(rate(recsys_fallback_total{endpoint="recommend"}[5m]))',  # a metric nobody exports
+    'sum(rate(recsys_no_such_metric_total{endpoint="recommend"}[5m]))',  # a metric nobody exports
 ])  # fmt: skip
 def test_a_panel_querying_a_missing_name_fails(metrics_text: str, expr: str) -> None:
     dash = load_dashboard()
