@@ -1,19 +1,21 @@
-"""Command line: `python -m training [--dataset synthetic|movielens|interactions] ...`
-(train), `python -m training retrain ...` (train a challenger, promote it if it is good
-enough), `python -m training models ...` (versions and stages, training/lifecycle.py),
-`python -m training replay ...` (training/replay.py) and `python -m training drift-report`.
+"""Command line: `python -m training [options]` trains; `python -m training COMMAND ...`
+runs one of `COMMANDS` (models and retrain: training/lifecycle.py, replay:
+training/replay.py, drift-report: training/drift_report.py, generate: below).
 
-Trains a ranker, evaluates it against the baselines and saves a new version to the BentoML
-model store (BENTOML_HOME). Exit status 2 with a one-line message for unusable data.
+Training fits a ranker, evaluates it against the baselines and saves a new version to the
+BentoML model store (BENTOML_HOME). Exit status 2 with a one-line message for unusable data.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import logging
 import sys
+import textwrap
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -28,15 +30,40 @@ from training.lifecycle import Decision, decide, models_main
 from training.pipeline import RankerParams, TrainConfig, TrainResult, metrics_table, train
 
 DATASETS = ("synthetic", "movielens", "interactions")
+TRAIN_DESCRIPTION = ("Train a ranker, evaluate it against the baselines and save a new version to the "
+                     "BentoML model store (BENTOML_HOME).")  # fmt: skip
+# The subcommands, in the order the top-level help lists them; plain options mean training.
+COMMANDS = {
+    "models": "list, show, compare, promote or roll back versions and stages",
+    "retrain": "train a challenger; promote it unless worse than the champion",
+    "replay": "replay the champion's logged requests against a challenger",
+    "drift-report": "HTML report of logged features and scores against the reference",
+    "generate": "write a partitioned synthetic data set (Parquet) to train on",
+}
+
+
+def _top_level_help() -> str:
+    width = max(map(len, COMMANDS)) + 2
+    rows = "\n".join(f"  {name.ljust(width)}{text}" for name, text in COMMANDS.items())
+    return (f"{textwrap.fill(TRAIN_DESCRIPTION, 80)}\n\n"
+            f"commands (python -m training COMMAND --help for each):\n{rows}\n\n"
+            "Without a command, the options below train a new version.")  # fmt: skip
 
 
 def build_parser(retrain: bool = False) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m training retrain" if retrain else "python -m training",
-        description="Train a challenger on new data, evaluate it and the champion on the same "
-        "fresh hold-out, and promote it unless it is worse by more than the margin."
-        if retrain else __doc__.splitlines()[0],
-    )  # fmt: skip
+    if retrain:
+        p = argparse.ArgumentParser(
+            prog="python -m training retrain",
+            description="Train a challenger on new data, evaluate it and the champion on the same "
+            "fresh hold-out, and promote it unless it is worse by more than the margin.",
+        )
+    else:
+        p = argparse.ArgumentParser(
+            prog="python -m training",
+            usage="%(prog)s [options]\n       %(prog)s {" + ",".join(COMMANDS) + "} [-h] ...",
+            description=_top_level_help(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
     p.add_argument("--dataset", choices=DATASETS, default="synthetic", help="default: synthetic")
     p.add_argument("--data", help="movielens: the folder with ratings.csv; interactions: the file")
     p.add_argument("--model-name", default=None, help="store name (default: RECSYS_MODEL_NAME)")
@@ -116,7 +143,7 @@ def generate_parser() -> argparse.ArgumentParser:
         prog="python -m training generate",
         description="Write a partitioned synthetic data set (Parquet), one partition in memory at a time.",
     )
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="folder for interactions/ and items.parquet")
     p.add_argument("--n-users", type=int, default=100_000)
     p.add_argument("--n-items", type=int, default=20_000)
     p.add_argument("--n-interactions", type=int, default=10_000_000, help="draws before de-duplication")
@@ -139,13 +166,24 @@ def generate_main(argv: list[str]) -> int:
     return 0
 
 
+def _unknown_command(word: str) -> str:
+    close = difflib.get_close_matches(word, COMMANDS, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"unknown command '{word}'; valid: {', '.join(COMMANDS)}{hint}"
+
+
 def _subcommand(argv: list[str]) -> int | None:
-    if not argv or argv[0] not in ("drift-report", "models", "replay", "generate"):
+    """The exit status of the command `argv[0]`, or None for training (options only)."""
+    if not argv or argv[0].startswith("-") or argv[0] == "retrain":
         return None
+    if argv[0] not in COMMANDS:
+        build_parser().error(_unknown_command(argv[0]))  # exits 2
     from training import drift_report, replay
 
-    mains = {"drift-report": drift_report.main, "models": models_main, "replay": replay.main,
-             "generate": generate_main}  # fmt: skip
+    mains: dict[str, Callable[[list[str]], int]] = {
+        "models": models_main, "replay": replay.main, "drift-report": drift_report.main,
+        "generate": generate_main,
+    }  # fmt: skip
     try:
         return mains[argv[0]](argv[1:])
     except (ModelCheckError, RegistryError, FileNotFoundError) as err:

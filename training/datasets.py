@@ -5,6 +5,7 @@ the column and the rule that failed.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import re
 from collections.abc import Iterator
@@ -247,6 +248,29 @@ def _read_table(path: Path) -> pd.DataFrame:
     raise DataError(f"{path}: unsupported file type {suffix!r}; valid: .csv, .txt, .parquet")
 
 
+def _position(path: Path, row: int) -> str:
+    """Where data row `row` (0-based, as read) is in the file: `line N` of a CSV (its first
+    physical line, counting the header, blank lines and quoted line breaks as the reader
+    does), `row N` (1-based) of a Parquet file or data set."""
+    if path.is_dir() or path.suffix.lower() == ".parquet":
+        return f"row {row + 1}"
+    with path.open(newline="", encoding="utf-8", errors="replace") as handle:
+        reader = csv.reader(handle)
+        records = -1  # the header is record -1
+        previous_end = 0
+        try:
+            for record in reader:
+                # pandas skips empty and whitespace-only lines (skip_blank_lines): so does this count.
+                if record and (len(record) > 1 or record[0].strip()):
+                    if records == row:
+                        return f"line {previous_end + 1}"
+                    records += 1
+                previous_end = reader.line_num
+        except csv.Error:  # a field the csv module refuses (e.g. over its size limit): fall back
+            pass
+    return f"data row {row + 1}"
+
+
 def _require(frame: pd.DataFrame, path: Path, columns: list[str]) -> None:
     missing = [c for c in columns if c not in frame.columns]
     if missing:
@@ -259,7 +283,8 @@ def _ids(frame: pd.DataFrame, path: Path, column: str) -> pd.Series:
     values = frame[column]
     if values.isna().any():
         row = int(np.flatnonzero(values.isna().to_numpy())[0])
-        raise DataError(f"{path}: column {column!r} is empty at row {row} (rule: ids must be present)")
+        where = _position(path, row)
+        raise DataError(f"{path}: column {column!r} is empty at {where} (rule: ids must be present)")
     if pd.api.types.is_float_dtype(values):
         if not (values == values.round()).all():
             raise DataError(f"{path}: column {column!r} has non-integer numbers (rule: ids are integers or strings)")
@@ -277,7 +302,8 @@ def _timestamps(frame: pd.DataFrame, path: Path, column: str) -> np.ndarray:
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
         raise DataError(
-            f"{path}: column {column!r} value {values.iloc[row]!r} at row {row} is not a timestamp "
+            f"{path}: column {column!r} value {values.iloc[row]!r} at {_position(path, row)} "
+            "is not a timestamp "
             "(rule: epoch seconds or an ISO date)"
         )
     epoch = pd.Timestamp(0, tz="UTC")
@@ -292,7 +318,8 @@ def _ratings(frame: pd.DataFrame, path: Path, column: str | None) -> np.ndarray:
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
         raise DataError(
-            f"{path}: column {column!r} value {frame[column].iloc[row]!r} at row {row} is not a number "
+            f"{path}: column {column!r} value {frame[column].iloc[row]!r} at {_position(path, row)} "
+            "is not a number "
             "(rule: ratings are numeric)"
         )
     return numeric.to_numpy(dtype=np.float32)

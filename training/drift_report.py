@@ -23,6 +23,10 @@ from models.lifecycle.store import open_version
 from models.serving.monitoring import MONITOR_NAME, logged_records
 from models.serving.settings import RecsysSettings
 
+DESCRIPTION = ("Compare what the service logged (bentoml.monitor) with a model version's reference "
+               "profile and write one self-contained HTML page: PSI and the reference and current "
+               "histogram of every feature and of the score.")  # fmt: skip
+
 
 @dataclass(frozen=True)
 class LoggedTraffic:
@@ -102,10 +106,10 @@ def write_report(profile: ReferenceProfile, traffic: LoggedTraffic, model_tag: s
 
 
 def build_parser(settings: RecsysSettings) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training drift-report", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m training drift-report", description=DESCRIPTION)
     p.add_argument("--logs", type=Path, default=settings.monitor_dir, help="the monitor log folder")
     p.add_argument("--model", default=None, help="model tag (default: the RECSYS_MODEL_TAG or the champion)")
-    p.add_argument("--out", type=Path, default=Path("drift-report.html"))
+    p.add_argument("--out", type=Path, default=Path("drift-report.html"), help="the HTML file to write")
     return p
 
 

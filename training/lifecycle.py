@@ -143,28 +143,93 @@ def cmd_compare(a_ref: str, b_ref: str, name: str) -> dict[str, Any]:
             "same_data": same_data}  # fmt: skip
 
 
+def _cell(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else ("-" if value is None else str(value))
+
+
+def _param(value: Any) -> str:
+    return "-" if value is None else str(value)  # as configured: 0.05, not 0.0500
+
+
+def _aligned(rows: list[list[str]], indent: str = "") -> str:
+    """Rows of cells as left-aligned columns (the last column unpadded)."""
+    widths = [max(len(row[i]) for row in rows if i < len(row)) for i in range(max(map(len, rows)))]
+    return "\n".join(indent + "  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows)
+
+
 def _print_table(rows: list[dict[str, Any]]) -> None:
     if not rows:
         print("no versions")
         return
     cols = ("tag", "stage", "created", "dataset", "ndcg", "baseline_cooccurrence_ndcg")
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else ("-" if v is None else str(v))  # noqa: E731
-    cells = [[fmt(r[c]) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
-    for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+    print(_aligned([list(cols), *([_cell(r[c]) for c in cols] for r in rows)]))
+
+
+METRIC_ROWS = ("model", "baseline_cooccurrence", "baseline_popularity")
+
+
+def show_text(shown: dict[str, Any]) -> str:
+    """`models show` for people: the version, its data, metrics and parameters (`--json`: all)."""
+    meta = shown["metadata"]
+    data = meta.get("dataset", {})
+    metrics = meta.get("metrics", {})
+    data_hash = f"hash {_cell(shown['data_hash'])}"
+    sizes = ", ".join(f"{data[k]:,} {k[2:]}" for k in ("n_interactions", "n_users", "n_items") if k in data)
+    head = [
+        ["tag", shown["tag"]],
+        ["stage", _cell(shown["stage"])],
+        ["created", shown["created"]],
+        ["dataset", f"{_cell(shown['dataset'])} ({'; '.join(filter(None, (sizes, data_hash)))})"],
+        ["schema", f"{_cell(shown['schema_hash'])} ({len(meta.get('feature_schema', []))} features)"],
+        ["labels", " ".join(f"{k}={v}" for k, v in shown["labels"].items()) or "-"],
+        ["code", _cell(meta.get("code_version"))],
+    ]
+    parts = [_aligned(head)]
+    present = [r for r in METRIC_ROWS if r in metrics]
+    if present:
+        table = [[f"metrics@{metrics.get('k', '?')}", *COMPARED_METRICS]]
+        table += [[r, *(_cell(metrics[r].get(m)) for m in COMPARED_METRICS)] for r in present]
+        parts.append(_aligned(table))
+        parts.append(f"candidate recall: {_cell(metrics.get('candidate_recall'))}; "
+                     f"test users: {_cell(metrics.get('test_users'))}")  # fmt: skip
+    params = _flat(meta.get("params", {}))
+    if params:
+        parts.append("params\n" + _aligned([[k, _param(v)] for k, v in params.items()], indent="  "))
+    return "\n\n".join(parts)
+
+
+def compare_text(diff: dict[str, Any]) -> str:
+    """`models compare` for people: metric deltas, then what differs (`--json`: the same, as data)."""
+    rows = [["metric", "a", "b", "delta"]]
+    rows += [[k, _cell(v["a"]), _cell(v["b"]), f"{v['delta']:+.4f}"] for k, v in diff["metrics"].items()]
+    schema = diff["schema"]
+    if schema["same"]:
+        schema_line = "same"
+    else:
+        changes = [f"{what} {', '.join(schema[what])}" for what in ("added", "removed", "changed")
+                   if schema[what]]  # fmt: skip
+        changes += ["order changed"] if schema["order_changed"] else []
+        schema_line = "; ".join(changes) or "hash differs"
+    data_line = "same" if diff["same_data"] else "different"
+    parts = [_aligned([["a", diff["a"]], ["b", diff["b"]]]), _aligned(rows),
+             _aligned([["schema", schema_line], ["data", data_line]])]  # fmt: skip
+    if diff["params"]:
+        params = [[k, _param(v["a"]), _param(v["b"])] for k, v in diff["params"].items()]
+        parts.append(_aligned([["param", "a", "b"], *params]))
+    else:
+        parts.append("params: same")
+    return "\n\n".join(parts)
 
 
 def models_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--name", default=None, help="model name (default: RECSYS_MODEL_NAME)")
-    common.add_argument("--json", action="store_true", help="JSON on stdout")
+    common.add_argument("--json", action="store_true", help="JSON on stdout (for scripts)")
     p = argparse.ArgumentParser(prog="python -m training models", description="Model versions and stages.")
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(name: str, help_: str, *positional: str) -> argparse.ArgumentParser:
-        cmd = sub.add_parser(name, help=help_, parents=[common])
+        cmd = sub.add_parser(name, help=help_, description=f"{help_[0].upper()}{help_[1:]}.", parents=[common])
         for arg in positional:
             cmd.add_argument(arg, help="a tag (name:version), name:latest, or a stage (champion, challenger)")
         return cmd
@@ -173,7 +238,7 @@ def models_parser() -> argparse.ArgumentParser:
     add("show", "one version", "ref")
     add("compare", "B against A: metric deltas, schema and parameter diff", "a", "b")
     add("promote", "make a version the champion (or the challenger)", "ref").add_argument(
-        "--stage", choices=STAGES, default="champion"
+        "--stage", choices=STAGES, default="champion", help="the stage to give it (default: champion)"
     )
     add("rollback", "make the previous champion the champion again")
     add("clear-challenger", "remove the challenger stage")
@@ -190,10 +255,11 @@ def models_main(argv: list[str]) -> int:
         if not args.json:
             _print_table(out)
             return 0
-    elif args.command == "show":
-        out = cmd_show(args.ref, name)
-    elif args.command == "compare":
-        out = cmd_compare(args.a, args.b, name)
+    elif args.command in ("show", "compare"):
+        out = cmd_show(args.ref, name) if args.command == "show" else cmd_compare(args.a, args.b, name)
+        if not args.json:
+            print(show_text(out) if args.command == "show" else compare_text(out))
+            return 0
     elif args.command == "promote":
         reg = registry.promote(resolve_ref(args.ref, name), args.stage)
         out = {"champion": reg.champion, "challenger": reg.challenger}

@@ -72,9 +72,9 @@ def test_generic_file_with_column_mapping(tmp_path: Path, suffix: str) -> None:
     ("frame", "kwargs", "message"),
     [
         (GOOD.drop(columns="when"), {}, r"missing column 'when'.*required"),
-        (GOOD.assign(when=["x", "2024-01-02", "y", "z", "w"]), {}, r"column 'when' value 'x' at row 0 is not a timestamp"),
+        (GOOD.assign(when=["x", "2024-01-02", "y", "z", "w"]), {}, r"column 'when' value 'x' at line 2 is not a timestamp"),
         (GOOD.assign(stars=["5", "great", 3, 2, 1]), {"rating_col": "stars"}, r"column 'stars' value 'great' .* not a number"),
-        (GOOD.assign(uid=["a", None, "a", "b", "b"]), {}, r"column 'uid' is empty at row 1"),
+        (GOOD.assign(uid=["a", None, "a", "b", "b"]), {}, r"column 'uid' is empty at line 3"),
         (GOOD.iloc[:0], {}, r"no interactions left"),
     ],
     ids=["missing column", "bad timestamp", "bad rating", "empty id", "empty file"],
@@ -86,6 +86,33 @@ def test_bad_files_name_file_column_and_rule(
     with pytest.raises(DataError, match=message) as info:
         interactions(path, user_col="uid", item_col="iid", time_col="when", **kwargs)
     assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize(("suffix", "where"), [(".csv", "line 4"), (".parquet", "row 3")])
+@pytest.mark.parametrize(
+    ("column", "value", "message"),
+    [("when", "yesterday", "value 'yesterday' at {where} is not a timestamp"),
+     ("stars", "great", "value 'great' at {where} is not a number"),
+     ("uid", None, "column 'uid' is empty at {where} ")],
+    ids=["timestamp", "rating", "id"],
+)  # fmt: skip
+def test_bad_values_are_located_as_the_file_counts(
+    tmp_path: Path, suffix: str, where: str, column: str, value: str | None, message: str
+) -> None:
+    """Data row 2 is line 4 of a CSV (after the header) and row 3 of a Parquet file."""
+    frame = GOOD.assign(stars=GOOD["stars"].astype(str))
+    frame.loc[2, column] = value
+    path = _write(frame, tmp_path / f"bad{suffix}")
+    with pytest.raises(DataError) as info:
+        interactions(path, user_col="uid", item_col="iid", time_col="when", rating_col="stars")
+    assert message.format(where=where) in str(info.value)
+
+
+def test_csv_lines_count_blank_lines_and_quoted_line_breaks(tmp_path: Path) -> None:
+    path = tmp_path / "notes.csv"
+    path.write_text('uid,iid,when,note\na,10,2024-01-01,"two\nlines"\n\n   \nb,11,yesterday,x\n')
+    with pytest.raises(DataError, match=r"value 'yesterday' at line 6 is not a timestamp"):
+        interactions(path, user_col="uid", item_col="iid", time_col="when")
 
 
 @pytest.mark.parametrize(
