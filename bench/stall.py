@@ -1,7 +1,9 @@
 """Do big /score requests stall the small ones? The p99 of 1-row /score requests while one
 client keeps sending 10,000-row requests to the same API worker, with the big requests'
-work off the event loop (the default, RECSYS_OFFLOAD_ROWS) and on it, in alternating
-server rounds, plus the small requests alone as the floor.
+matrix and drift counting off the event loop (the default, RECSYS_OFFLOAD_ROWS) and on it,
+in alternating server rounds; on each server the small requests alone first, as the floor.
+Each mode gets the same phases in the same order: a server that has just served a phase of
+small requests alone answered the next phase with a worse p99 (111 vs 181 ms here).
 
     python -m bench.stall                # ~2 minutes; writes bench/results/stall.{md,png}
     python -m bench.stall --smoke        # seconds; checks that the benchmark works
@@ -101,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             server = start_server(["service:ApiService"], cwd=ROOT, env={**base, **env})
             try:
                 asyncio.run(load(server.url, 1.0, 2, None))  # warm-up
-                if mode == "offloaded":
-                    rows.append(("small alone", r, asyncio.run(load(server.url, args.seconds, args.small_clients, None))))
+                rows.append((f"small alone ({mode})", r,
+                             asyncio.run(load(server.url, args.seconds, args.small_clients, None))))  # fmt: skip
                 rows.append((mode, r, asyncio.run(load(server.url, args.seconds, args.small_clients, args.big_rows))))
             finally:
                 server.stop()
