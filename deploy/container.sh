@@ -77,6 +77,10 @@ build_base() {  # build_base TAG: the base rootfs, committed as TAG
   # uv (BentoML's installer); without it the Dockerfile pip-installs a pinned one.
   if [ -n "$UV_PATH" ]; then cp "$UV_PATH" "$rootfs/usr/local/bin/uv"; fi
   ln -sf python3 "$rootfs/usr/bin/python"
+  # Like the python:3.11-slim it stands in for: pip may install into this Python (Debian
+  # marks its own as externally managed, PEP 668, and the Dockerfile's pip install of uv,
+  # without a uv here, then failed).
+  rm -f "$rootfs"/usr/lib/python3*/EXTERNALLY-MANAGED
   rm -rf "$rootfs/var/cache/apt/archives/"*.deb "$rootfs/var/lib/apt/lists/"*
   local ctr
   ctr=$(buildah from scratch)
