@@ -51,3 +51,11 @@ def test_models_may_import_no_package_of_the_training_set() -> None:
     assert not missing, f"training-only packages that the contract {CONTRACT!r} lets models import: {missing}"
     owned = set().union(*(modules_of.get(dist, set()) for dist in train_only))
     assert forbidden <= owned, f"forbidden modules of no training-only package: {forbidden - owned}"
+
+
+def test_the_package_version_is_the_projects() -> None:
+    """models.__version__ (what /docs.json reports) is pyproject.toml's version."""
+    import models
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert models.__version__ == project["version"]
