@@ -3,9 +3,9 @@ client keeps sending 10,000-row requests to the same API worker, with the big re
 matrix and drift counting off the event loop (the default, RECSYS_OFFLOAD_ROWS) and on it,
 in alternating server rounds; on each server the small requests alone first, as the floor.
 Each mode gets the same phases in the same order: a server that has just served a phase of
-small requests alone answered the next phase with a worse p99 (111 vs 181 ms here).
+small requests alone answered the next phase with a worse p99, in trial runs.
 
-    python -m bench.stall                # ~2 minutes; writes bench/results/stall.{md,png}
+    python -m bench.stall                # ~4 minutes; writes bench/results/stall.{md,png}
     python -m bench.stall --smoke        # seconds; checks that the benchmark works
 """
 

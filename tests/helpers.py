@@ -4,6 +4,8 @@ helpers of bench/servers.py."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,12 +47,19 @@ def poll_until(
         time.sleep(interval)
 
 
+def dead_pid() -> int:
+    """The pid of a process that has just ended (for clean-up of what dead owners left)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
 def small_synthetic(seed: int = 3) -> Dataset:
     """Small enough to train in seconds, large enough for the ranker to beat the baselines."""
     return synthetic(n_users=600, n_items=400, n_interactions=30_000, n_topics=20, seed=seed)
 
 
 __all__ = [
-    "BENTOML_BIN", "MOVIELENS_DIR", "PROJECT_ROOT", "ServerProcess", "free_port",
+    "BENTOML_BIN", "MOVIELENS_DIR", "dead_pid", "PROJECT_ROOT", "ServerProcess", "free_port",
     "poll_until", "small_synthetic", "start_server", "wait_ready",
 ]  # fmt: skip

@@ -115,7 +115,8 @@ _feature_values = operator.attrgetter(*FEATURE_NAMES)
 
 def feature_matrix(rows: list[Any]) -> np.ndarray:
     """FeatureRows as a float32 matrix in schema order, with no Python code per row or per
-    value (attrgetter and np.array loop in C): about 2x faster than a getattr comprehension."""
+    value (attrgetter and np.array loop in C): 10,000 rows took 7 ms against 20 ms for a getattr
+    comprehension, in one measurement."""
     return np.array(list(map(_feature_values, rows)), dtype=FEATURE_DTYPE).reshape(len(rows), N_FEATURES)
 
 

@@ -32,11 +32,12 @@ def post(server: ServerProcess, route: str, body: object) -> httpx.Response:
         ("/rank", {"user_id": "u1", "item_ids": ["i1"], "extra": 1}, ["extra"], "extra_forbidden"),
         ("/score", {"rows": [ROW], "model": "x"}, ["model"], "extra_forbidden"),
         ("/model", {"verbose": True}, ["verbose"], "extra_forbidden"),
+        ("/drift", {"window": 60}, ["window"], "extra_forbidden"),
         ("/rank", {"user_id": "u1", "item_ids": ["i1", "i2", "i1"]}, ["item_ids"], "duplicate_item_ids"),
         ("/score", {"rows": [{**ROW, FEATURE_NAMES[0]: 3.5e38}]}, ["rows", 0, FEATURE_NAMES[0]], "less_than_equal"),
         ("/score", {"rows": [{**ROW, FEATURE_NAMES[1]: -3.5e38}]}, ["rows", 0, FEATURE_NAMES[1]], "greater_than_equal"),
     ],
-    ids=["unknown-recommend", "unknown-rank", "unknown-score", "unknown-model", "duplicates", "float32-max", "float32-min"],
+    ids=["unknown-recommend", "unknown-rank", "unknown-score", "unknown-model", "unknown-drift", "duplicates", "float32-max", "float32-min"],
 )
 def test_bad_input_is_a_400_naming_field_and_rule(server: ServerProcess, route: str, body: object,
                                                   loc: list[object], rule: str) -> None:  # fmt: skip

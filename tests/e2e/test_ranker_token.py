@@ -58,14 +58,18 @@ def test_the_api_ranks_through_it_with_the_token(ranker: ServerProcess, trained:
                                                  token: str, status: int) -> None:  # fmt: skip
     env = {"BENTOML_HOME": str(bentoml_home), "RECSYS_MODEL_TAG": str(trained.tag),
            "RECSYS_RANKER_URLS": ranker.url, "RECSYS_RANKER_TOKEN": token}  # fmt: skip
+    seen = len(ranker.log())
     api = start_server(["service:ApiService"], cwd=PROJECT_ROOT, env=env)
     try:
         response = httpx.post(f"{api.url}/recommend", json={"user_id": "u1", "k": 5}, timeout=30)
     finally:
         api.stop()
     assert response.status_code == status, response.text
+    refused = [line for line in ranker.log()[seen:].splitlines() if " 401: " in line]
     if status == 200:
-        assert len(response.json()["items"]) == 5
+        assert len(response.json()["items"]) == 5 and not refused
+    else:  # the 503 is the ranking service refusing the wrong token, not any other fault
+        assert refused, ranker.log()[seen:][-2000:]
 
 
 def test_one_serve_with_a_token_ranks(trained: TrainResult, bentoml_home: Path) -> None:

@@ -21,7 +21,7 @@ from models.lifecycle import registry, store
 from models.lifecycle.registry import ChampionChanged, RegistryError, bento_pinned_tags
 from models.serving.plan import serving_plan
 from models.serving.settings import RecsysSettings
-from tests.helpers import PROJECT_ROOT, small_synthetic
+from tests.helpers import PROJECT_ROOT, dead_pid, small_synthetic
 from training.__main__ import main
 from training.pipeline import TrainConfig, TrainResult, train
 
@@ -169,12 +169,11 @@ def test_a_save_removes_the_staging_folders_of_killed_saves_only(
 ) -> None:
     """Staging folders carry their owner's pid: a save removes those whose owner is gone
     (and old nameless ones after a day), never one of a save still running."""
-    gone = subprocess.Popen(["true"])
-    gone.wait()
+    gone = dead_pid()
     sleeper = subprocess.Popen(["sleep", "300"])
     tmp_root = bentoml_home / "tmp"
     folders = {
-        "owner gone": tmp_root / f"{store.STAGING_PREFIX}{gone.pid}-k1ll3d",
+        "owner gone": tmp_root / f"{store.STAGING_PREFIX}{gone}-k1ll3d",
         "owner alive": tmp_root / f"{store.STAGING_PREFIX}{sleeper.pid}-saving",
         "no pid, old": tmp_root / f"{store.STAGING_PREFIX}0ldst7le",
         "no pid, recent": tmp_root / f"{store.STAGING_PREFIX}n3wst7le",

@@ -66,8 +66,7 @@ def test_a_failing_shadow_ranking_is_counted_and_logged_once(
         ranking = Ranking(settings, champion, challenger, score)
         users = [f"u{i}" for i in range(5)]
         served = [(await ranking.recommend(u, 5, True)).variant for u in users]
-        while ranking._shadow_tasks:
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(asyncio.gather(*ranking._shadow_tasks), timeout=30)
         return served
 
     with caplog.at_level(logging.WARNING, logger="recsys.shadow"):
