@@ -400,9 +400,8 @@ def authorize_dependency(proxy: Any, token: str) -> None:
     `default_headers`, so the header goes there (and into a session already made)."""
     client = proxy.to_async
     value = f"Bearer {token}"
-    client.default_headers["Authorization"] = value
+    client.default_headers["Authorization"] = value  # the same dict its session manager uses
     manager = client._session_manager
-    manager._headers["Authorization"] = value
     if manager._session is not None:
         manager._session.headers["Authorization"] = value
 

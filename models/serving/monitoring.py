@@ -108,12 +108,14 @@ class DriftMonitor:
         while True:
             await asyncio.sleep(every_s)
             total = self.counter.requests()
-            if total != last and self._flush():
+            # Disk work (the write, and the report's merge of every worker's file) in a
+            # thread: the counter is thread-safe, and the loop keeps serving meanwhile.
+            if total != last and await asyncio.to_thread(self._flush):
                 last = total
             now = time.time()
             if self.settings.drift_enabled and now - self._gauge_at >= _GAUGE_REFRESH_S:
                 self._gauge_at = now
-                self.report()
+                await asyncio.to_thread(self.report)
 
     def start_flusher(self) -> asyncio.Task[None]:
         """The flusher as a task whose unexpected end is an ERROR in the log, not silence."""

@@ -14,7 +14,6 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import numpy as np
-from bentoml.exceptions import BentoMLException
 from pydantic import ValidationError
 
 from models.core.recommender import UnknownItemsError
@@ -31,7 +30,7 @@ Ranked = RecommendResponse | RankResponse
 log = logging.getLogger("recsys.shadow")
 # How a challenger's ranking can fail: the ranking service (any way), or the request itself
 # (a /rank item the challenger's catalog does not know is a validation error).
-SHADOW_FAILURES: tuple[type[BaseException], ...] = (*RANKER_FAILURES, BentoMLException, ValidationError)
+SHADOW_FAILURES: tuple[type[BaseException], ...] = (*RANKER_FAILURES, ValidationError)
 
 
 class Ranking:
@@ -68,6 +67,10 @@ class Ranking:
         return response
 
     async def rank(self, user_id: str, item_ids: list[str]) -> RankResponse:
+        duplicates = [i for i, n in Counter(item_ids).items() if n > 1]
+        if duplicates:
+            raise input_error("item_ids", "duplicate_item_ids",
+                              f"item_ids: duplicate ids {duplicates[:20]} (rule: each id at most once)")  # fmt: skip
         response = await self._rank(self.variant_for(user_id), user_id, item_ids)
         if self.challenger is not None and self.mode == "shadow":
             self._shadow("rank", user_id, response, self._rank(self.challenger, user_id, item_ids, shadow=True))
@@ -98,10 +101,6 @@ class Ranking:
     async def _rank(self, variant: Variant, user_id: str, item_ids: list[str], shadow: bool = False) -> RankResponse:
         start = time.perf_counter()
         rec = variant.recommender
-        duplicates = [i for i, n in Counter(item_ids).items() if n > 1]
-        if duplicates:
-            raise input_error("item_ids", "duplicate_item_ids",
-                              f"item_ids: duplicate ids {duplicates[:20]} (rule: each id at most once)")  # fmt: skip
         try:
             items = rec.item_indices(item_ids)
         except UnknownItemsError as err:
