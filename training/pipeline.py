@@ -86,6 +86,8 @@ class TrainResult:
     timings: dict[str, float]
     metadata: dict[str, Any]
     champion_metrics: dict[str, Any] | None = None  # the champion's, on the same hold-out
+    evaluation: Evaluation | None = None  # the test slice's rankings, for benchmarks
+    test_window: Window | None = None
 
 
 class StageLog:
@@ -132,12 +134,17 @@ def fit_ranker(train: Groups, valid: Groups, config: TrainConfig) -> tuple[xgb.B
     return best_rounds(ranker, config.k)
 
 
+RANKED_DEPTH = 50  # how much of each test user's ranked list an evaluation keeps
+
+
 @dataclass(frozen=True)
 class Evaluation:
     metrics: dict[str, Any]
     features: np.ndarray  # every candidate row scored on the test slice
     scores: np.ndarray
     recommended: np.ndarray  # the model's top-k items, all test users
+    users: np.ndarray  # the test users, in the order of `ranked`
+    ranked: list[np.ndarray]  # per test user: the model's top RANKED_DEPTH items, best first
 
 
 def evaluate(
@@ -155,8 +162,11 @@ def evaluate(
     bounds = np.cumsum([0] + [len(f) for f in features])
     model_rows, pop_rows, cooc_rows, recall = [], [], [], []
     recommended: list[np.ndarray] = []
+    ranked_lists: list[np.ndarray] = []
     for j, (items, relevant, seen) in enumerate(per_user):
-        ranked, _ = top_k(items, scores[bounds[j] : bounds[j + 1]], k)
+        deep, _ = top_k(items, scores[bounds[j] : bounds[j + 1]], max(k, RANKED_DEPTH))
+        ranked_lists.append(deep)
+        ranked = deep[:k]
         recommended.append(ranked)
         model_rows.append(ranking_metrics(ranked, relevant, k))
         # Co-occurrence baseline: the candidates in generation order (co-occurrence score,
@@ -174,7 +184,7 @@ def evaluate(
         "k": k,
     }
     top = np.concatenate(recommended) if recommended else np.zeros(0, dtype=np.int32)
-    return Evaluation(metrics, matrix, scores, top)
+    return Evaluation(metrics, matrix, scores, top, win.label_users, ranked_lists)
 
 
 def _code_version() -> str:
@@ -197,13 +207,18 @@ def metrics_table(metrics: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def window_tables(win: Window, dataset: Dataset, genre_names: list[str], params: CandidateParams) -> ServingTables:
+    """The tables a window's features see: its past only."""
+    return build_tables(win.history, dataset.catalog, genre_names, params, user_history=win.user_history)
+
+
 def evaluate_version(
     tag: str, dataset: Dataset, test: Window, genre_names: list[str], config: TrainConfig
 ) -> dict[str, Any]:
     """Another stored version (the champion) on this run's test slice: its own booster and
     candidate parameters, tables from the same history, the same users and test items."""
     version = open_version(tag)
-    tables = build_tables(test.history, dataset.catalog, genre_names, version.params)
+    tables = window_tables(test, dataset, genre_names, version.params)
     return evaluate(version.load_booster(config.nthread), tables, test, version.params, config.k).metrics
 
 
@@ -227,7 +242,7 @@ def train(
             win = window(log_, w, config.split)
             if len(win.label_users) == 0:
                 continue
-            tables = build_tables(win.history, dataset.catalog, genre_names, config.candidates)
+            tables = window_tables(win, dataset, genre_names, config.candidates)
             if engine is not None:  # built on the workers, kept there
                 engine.add_window(tables, win, config.candidates, eval_users, qid_base=w * log_.n_users,
                                   shuffle_seed=config.seed if config.shuffle_labels else None)  # fmt: skip
@@ -251,8 +266,11 @@ def train(
     with stages("evaluate on the test slice"):
         test = window(log_, 0, config.split)
         if len(test.label_users) == 0:
-            raise DataError(f"{dataset.name}: no user has a test slice (rule: >= min_history + 1 items)")
-        test_tables = build_tables(test.history, dataset.catalog, genre_names, config.candidates)
+            raise DataError(
+                f"{dataset.name}: no user has test items (rule, {config.split.kind} split: a user with "
+                f"at least min_history={config.split.min_history} items before them)"
+            )
+        test_tables = window_tables(test, dataset, genre_names, config.candidates)
         evaluation = evaluate(booster, test_tables, test, config.candidates, config.k)
         metrics = evaluation.metrics
     log.info("results on %d test users:\n%s", metrics["test_users"], metrics_table(metrics))
@@ -289,6 +307,7 @@ def train(
             "train_groups": n_train,
             "validation_groups": n_valid,
             "test_users": metrics["test_users"],
+            "test_cutoff": test.cutoff if test.cutoff is not None else "per user",
         },
         "params": {
             "candidates": config.candidates.to_dict(),
@@ -330,4 +349,4 @@ def train(
                 write_extra=write_extras,
             )  # fmt: skip
         log.info("saved %s", tag)
-    return TrainResult(tag, metrics, stages.timings, metadata, champion_metrics)
+    return TrainResult(tag, metrics, stages.timings, metadata, champion_metrics, evaluation, test)

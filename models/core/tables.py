@@ -164,11 +164,16 @@ def build_cooc_index(
 
 
 def build_tables(
-    history: InteractionLog, catalog: ItemCatalog, genre_names: list[str], params: CandidateParams
+    history: InteractionLog, catalog: ItemCatalog, genre_names: list[str], params: CandidateParams,
+    user_history: InteractionLog | None = None,
 ) -> ServingTables:
-    """Build every serving table from `history` alone (it is the past of what is predicted)."""
-    n_items, n_users = catalog.n_items, history.n_users
-    user, item = history.user, history.item
+    """Build every serving table from the past of what is predicted: item-side tables
+    (popularity, co-occurrence, item features) from `history`, user-side ones (histories,
+    user features) from `user_history` (default: the same log), which may add each user's own
+    recent interactions."""
+    users_log = history if user_history is None else user_history
+    n_items, n_users = catalog.n_items, users_log.n_users
+    item = history.item
 
     count = np.bincount(item, minlength=n_items).astype(np.float64)
     if len(history):
@@ -187,6 +192,7 @@ def build_tables(
     pop_rank = np.empty(n_items, dtype=np.int32)
     pop_rank[pop_order] = np.arange(n_items, dtype=np.int32)
 
+    user, item = users_log.user, users_log.item
     user_count = np.bincount(user, minlength=n_users).astype(np.float64)
     known_year = years[item] >= 0
     user_year = _per_user_mean(user[known_year], years[item][known_year], n_users, UNKNOWN_YEAR)
@@ -212,7 +218,7 @@ def build_tables(
         item_genre=item_genre,
         pop_order=pop_order,
         pop_rank=pop_rank,
-        user_ids=history.user_ids,
+        user_ids=users_log.user_ids,
         user_feats=user_feats.astype(np.float32),
         user_genre=user_genre,
         hist_indptr=hist_indptr,
