@@ -28,6 +28,7 @@ from training.dask_engine import DaskEngine
 from training.datasets import DataError, Dataset, interactions, movielens, synthetic, write_synthetic
 from training.lifecycle import Decision, decide, models_main
 from training.pipeline import RankerParams, TrainConfig, TrainResult, metrics_table, train
+from training.split import SPLIT_KINDS, SplitConfig
 
 DATASETS = ("synthetic", "movielens", "interactions")
 TRAIN_DESCRIPTION = ("Train a ranker, evaluate it against the baselines and save a new version to the "
@@ -97,6 +98,8 @@ def build_parser(retrain: bool = False) -> argparse.ArgumentParser:
     mdl = p.add_argument_group("model")
     defaults = RankerParams()
     mdl.add_argument("--windows", type=int, default=TrainConfig().n_windows, help="label windows")
+    mdl.add_argument("--split", choices=SPLIT_KINDS, default=SplitConfig().kind,
+                     help="temporal: a global cutoff in time (honest); per_user: each user's last items")  # fmt: skip
     mdl.add_argument("--n-estimators", type=int, default=defaults.n_estimators)
     mdl.add_argument("--max-depth", type=int, default=defaults.max_depth)
     mdl.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
@@ -237,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(retrain).parse_args(argv[1:] if retrain else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     config = TrainConfig(
+        split=SplitConfig(kind=args.split),
         n_windows=args.windows,
         ranker=dataclasses.replace(
             RankerParams(),

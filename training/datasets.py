@@ -148,7 +148,7 @@ def _synthetic_users(
     empty_topic = topic_total[topic] == 0
     item[empty_topic] = rng.integers(0, n_items, int(empty_topic.sum()))
 
-    start = rng.integers(1_500_000_000, 1_600_000_000, n_users)
+    start = rng.integers(1_500_000_000, 1_520_000_000, n_users)
     gaps = rng.exponential(3600 * 24, n).astype(np.int64) + 1
     gaps[first] = 0
     ts = start[user] + np.cumsum(gaps) - np.repeat(np.cumsum(gaps)[first], per_user)

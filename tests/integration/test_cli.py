@@ -28,7 +28,7 @@ from training.pipeline import RankerParams, TrainConfig, TrainResult, train
 from training.replay import NOT_COMPARABLE, LoggedRequest, not_comparable_line
 from training.replay import replay as replay_requests
 
-SMALL = ["--n-users", "300", "--n-items", "200", "--n-interactions", "12000"]
+SMALL = ["--n-users", "600", "--n-items", "400", "--n-interactions", "30000"]
 
 
 def run_cli(args: list[str], home: Path) -> subprocess.CompletedProcess[str]:

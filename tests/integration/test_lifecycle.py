@@ -25,7 +25,7 @@ from tests.helpers import PROJECT_ROOT, dead_pid, small_synthetic
 from training.__main__ import main
 from training.pipeline import TrainConfig, TrainResult, train
 
-SMALL = ["--n-users", "300", "--n-items", "200", "--n-interactions", "12000"]
+SMALL = ["--n-users", "600", "--n-items", "400", "--n-interactions", "30000"]
 
 
 @pytest.fixture(scope="module")

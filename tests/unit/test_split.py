@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 from models.core.interactions import InteractionLog, ItemCatalog, build_log
 from models.core.params import CandidateParams
 from models.core.tables import build_tables
-from training.datasets import synthetic
 from training.split import SplitConfig, cutoff_time, holdout_sizes, window
 
 N_ITEMS = 100
@@ -129,16 +128,17 @@ def test_temporal_window_sees_nothing_after_its_cutoff(
 
 
 def test_temporal_split_gives_new_users_an_online_history() -> None:
-    log = synthetic(n_users=400, n_items=200, n_interactions=20_000, seed=1).log
+    # 20 users active early; 5 new users who only appear in the last 10% of time.
+    rng = np.random.default_rng(0)
+    rows = [(f"old{u}", i, int(t)) for u in range(20) for i, t in zip(rng.permutation(N_ITEMS)[:40], rng.integers(0, 900, 40))]
+    rows += [(f"new{u}", i, 1000 + k) for u in range(5) for k, i in enumerate(rng.permutation(N_ITEMS)[:18])]
+    frame = pd.DataFrame(rows, columns=["user_id", "item_id", "ts"]).assign(rating=np.nan)
+    log = build_log(frame.astype({"item_id": str}), CATALOG.item_ids)
     config = SplitConfig()
     test = window(log, 0, config)
-    before = np.bincount(log.user[log.ts < test.cutoff], minlength=log.n_users)
-    new_users = test.label_users[before[test.label_users] == 0]
-    assert len(new_users) > 0  # users who only appear after the cutoff are still evaluated
-    # ...with the first online_frac of their slice as their history.
-    for user in new_users[:20].tolist():
-        after = int((log.user == user).sum())
-        assert (test.user_history.user == user).sum() == int(np.floor(after * config.online_frac))
+    new_users = [int(np.flatnonzero(log.user_ids == f"new{u}")[0]) for u in range(5)]
+    assert set(new_users) <= set(test.label_users.tolist())  # evaluated, though new after the cutoff
+    for user in new_users:  # ...with the first online_frac of their slice as their history
+        assert (test.user_history.user == user).sum() == int(np.floor(18 * config.online_frac))
     with pytest.raises(ValueError, match="reach past the first interaction"):
         window(log, 9, config)
-
