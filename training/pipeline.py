@@ -6,6 +6,7 @@ slice, and save a new version (booster, serving tables, report, lineage) to the 
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import logging
 import platform
 import subprocess
@@ -22,12 +23,12 @@ import xgboost as xgb
 from tqdm import tqdm
 
 from models.core.candidates import generate_candidates
-from models.core.drift import build_profile
+from models.core.drift import ReferenceProfile, build_profile
 from models.core.features import build_features
 from models.core.metrics import mean_metrics, ranking_metrics
 from models.core.params import CandidateParams
 from models.core.ranking import predict_scores, top_k
-from models.core.schema import FEATURE_NAMES, ITEM_FEATURES, N_FEATURES, SCHEMA_HASH, schema_as_dict
+from models.core.schema import FEATURE_NAMES, N_FEATURES, SCHEMA_HASH, schema_as_dict
 from models.core.tables import ServingTables, build_tables
 from models.lifecycle.store import DEFAULT_MODEL_NAME, open_version, save_version
 from training.datasets import DataError, Dataset
@@ -140,9 +141,6 @@ RANKED_DEPTH = 50  # how much of each test user's ranked list an evaluation keep
 @dataclass(frozen=True)
 class Evaluation:
     metrics: dict[str, Any]
-    features: np.ndarray  # every candidate row scored on the test slice
-    scores: np.ndarray
-    recommended: np.ndarray  # the model's top-k items, all test users
     users: np.ndarray  # the test users, in the order of `ranked`
     ranked: list[np.ndarray]  # per test user: the model's top RANKED_DEPTH items, best first
 
@@ -161,13 +159,11 @@ def evaluate(
     scores = predict_scores(booster, matrix)
     bounds = np.cumsum([0] + [len(f) for f in features])
     model_rows, pop_rows, cooc_rows, recall = [], [], [], []
-    recommended: list[np.ndarray] = []
     ranked_lists: list[np.ndarray] = []
     for j, (items, relevant, seen) in enumerate(per_user):
         deep, _ = top_k(items, scores[bounds[j] : bounds[j + 1]], max(k, RANKED_DEPTH))
         ranked_lists.append(deep)
         ranked = deep[:k]
-        recommended.append(ranked)
         model_rows.append(ranking_metrics(ranked, relevant, k))
         # Co-occurrence baseline: the candidates in generation order (co-occurrence score,
         # then popularity to fill), i.e. the list without the ranker.
@@ -183,8 +179,34 @@ def evaluate(
         "test_users": len(per_user),
         "k": k,
     }
-    top = np.concatenate(recommended) if recommended else np.zeros(0, dtype=np.int32)
-    return Evaluation(metrics, matrix, scores, top, win.label_users, ranked_lists)
+    return Evaluation(metrics, win.label_users, ranked_lists)
+
+
+PROFILE_USERS = 2000  # users whose served candidates make the drift reference profile
+
+
+def serving_profile(
+    booster: xgb.Booster, serving: ServingTables, params: CandidateParams, k: int,
+    rng: np.random.Generator, cold_start_share: float,
+) -> ReferenceProfile:
+    """The drift reference: what the service scores for its known users, i.e. features from
+    the serving tables (not the test slice's, which see an earlier past and only the users
+    active after the cutoff) for a seeded sample of users, and the popularity of their top k."""
+    known = np.flatnonzero(np.diff(serving.hist_indptr) > 0)
+    users = rng.choice(known, size=min(PROFILE_USERS, len(known)), replace=False) if len(known) else known
+    features = []
+    for user in users.tolist():
+        items, cooc = generate_candidates(serving, user, params)
+        features.append(build_features(serving, user, items, cooc))
+    matrix = np.vstack(features) if features else np.zeros((0, N_FEATURES), dtype=np.float32)
+    scores = predict_scores(booster, matrix)
+    bounds = np.cumsum([0] + [len(f) for f in features])
+    pop = matrix[:, FEATURE_NAMES.index("item_log_pop")]
+    recommended_pop = np.concatenate(
+        [pop[lo:hi][np.argsort(-scores[lo:hi], kind="stable")[:k]] for lo, hi in itertools.pairwise(bounds)]
+        or [np.zeros(0, dtype=np.float32)]
+    )
+    return build_profile(matrix, scores, cold_start_share, recommended_pop)
 
 
 def _code_version() -> str:
@@ -288,10 +310,9 @@ def train(
         # Users at test time with no history: what the service will answer with a fallback.
         history_len = np.diff(test_tables.hist_indptr)
         active = log_.user_counts() > 0
-        profile = build_profile(
-            evaluation.features, evaluation.scores,
+        profile = serving_profile(
+            booster, serving, config.candidates, config.k, rng,
             cold_start_share=float(np.mean(history_len[active] == 0)) if active.any() else 0.0,
-            recommended_pop=test_tables.item_feats[evaluation.recommended, ITEM_FEATURES.index("item_log_pop")],
         )  # fmt: skip
 
     gain = booster.get_score(importance_type="total_gain")
