@@ -94,10 +94,6 @@ def mix_grid(budget: int, steps: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def _recall(candidates: np.ndarray, labels: np.ndarray) -> float:
-    return float(np.isin(labels, candidates).mean())
-
-
 def choose_retrieval(
     win: Window, catalog: ItemCatalog, genre_names: list[str], params: CandidateParams,
     seed: int, search: RetrievalSearch = RetrievalSearch(),
@@ -197,11 +193,12 @@ def _mix_recall(
     """Mean recall of the candidates `candidates_by_source` gives for the mix (n_cooc,
     n_ease, n_pop), from each user's neighbour scores computed once."""
     taken = np.zeros(tables.n_items, dtype=bool)
-    recalls = []
-    for u, e in zip(users, ease):
+    is_candidate = np.zeros(tables.n_items, dtype=bool)  # masks, not membership tests: ~5x faster
+    recalls = np.empty(len(users))
+    for j, (u, e) in enumerate(zip(users, ease)):
         taken[u.seen] = True
         candidates = np.concatenate(take_by_source(tables, UserScores(u.cooc, e), mix, taken))
-        recalls.append(_recall(candidates, u.labels))
-        taken[u.seen] = False
-        taken[candidates] = False
-    return float(np.mean(recalls))
+        is_candidate[candidates] = True
+        recalls[j] = is_candidate[u.labels].mean()
+        taken[u.seen] = taken[candidates] = is_candidate[candidates] = False
+    return float(recalls.mean())

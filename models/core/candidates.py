@@ -6,6 +6,7 @@ popularity; merged, de-duplicated and (by default) without the items the user al
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 import numpy as np
@@ -47,8 +48,10 @@ class NeighbourScores:
         found = (self.items[pos] == items) if len(self.items) else np.zeros(len(items), bool)
         return pos, found
 
+    @cached_property
     def ranked_items(self) -> np.ndarray:
-        """The scored items, best first."""
+        """The scored items, best first (computed once: the choice on validation reads it
+        for every candidate mix)."""
         return self.items[self.order]
 
 
@@ -194,8 +197,8 @@ def take_by_source(
     are dense, so indexing one mask is several times faster than a membership test per source.
     """
     n_cooc, n_ease, n_pop = counts
-    from_cooc = _take(scores.cooc.ranked_items(), n_cooc, taken)
-    from_ease = _take(scores.ease.ranked_items(), n_ease, taken)
+    from_cooc = _take(scores.cooc.ranked_items, n_cooc, taken)
+    from_ease = _take(scores.ease.ranked_items, n_ease, taken)
     # Enough popular items that n_pop survive removing what is taken.
     from_pop = _take(tables.pop_order[: n_pop + int(taken.sum())], n_pop, taken)
     return from_cooc, from_ease, from_pop

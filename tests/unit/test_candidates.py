@@ -112,7 +112,7 @@ def test_each_source_is_ordered_by_its_score(tables: ServingTables, params: Cand
         assert (np.diff(scores.score[pos].astype(np.float32)) <= 0).all()
     assert not np.isin(candidates.ease, candidates.cooc).any()
     # EASE takes its best unseen items that co-occurrence did not take.
-    ranked = candidates.scores.ease.ranked_items()
+    ranked = candidates.scores.ease.ranked_items
     assert candidates.ease.tolist() == ranked[~np.isin(ranked, np.concatenate((seen, candidates.cooc)))][
         : params.n_ease
     ].tolist()

@@ -126,7 +126,7 @@ def test_served_top_n_equals_the_closed_form(x: np.ndarray, lam: float) -> None:
         assert np.allclose(scores.score, expected[scores.items], atol=1e-6)
         assert set(scores.items.tolist()) == set(np.flatnonzero(expected > 0).tolist())
         unseen = np.flatnonzero(~seen & (expected > 0))
-        ranked = scores.ranked_items()
+        ranked = scores.ranked_items
         served_top = ranked[~np.isin(ranked, np.flatnonzero(seen))][: params.n_ease]
         # The top-N by value (items of equal score may come in either order).
         assert np.allclose(expected[served_top], np.sort(expected[unseen])[::-1][: params.n_ease], atol=1e-6)
