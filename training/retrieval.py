@@ -85,6 +85,8 @@ class _User:
 def mix_grid(budget: int, steps: int) -> list[tuple[int, int, int]]:
     """Every (n_cooc, n_ease, n_pop) summing to `budget` in steps of budget/steps (the last
     step absorbs the rounding), each at least one step."""
+    if budget < steps:
+        raise ValueError(f"candidate budget n_cooc + n_ease + n_pop = {budget} must be >= budget_steps = {steps}")
     step = budget // steps
     out = []
     for a in range(1, steps - 1):

@@ -28,9 +28,10 @@ class CandidateParams:
     # the geometric centre of the search grid.
     ease_l2: float = 8.0
     # EASE models the history's most popular items only. The rule: with more users than
-    # items, EASE needs one n × n inverse (~n³ flops) per table build and ~5 more in the λ
-    # search; a run does ~12 in all, measured 2.8 s each at n = 3000 (6.5 s at 4000) on 2
-    # busy cores: ~35 s of the 3-minute training budget. Memory: n × n float64, 72 MB.
+    # items, EASE costs one n × n inverse (~n³ flops) per table build (5 per run) and ~7
+    # inverse-equivalents in the λ search (an eigendecomposition ≈ 2.5, a product per λ
+    # ≈ 0.7): ~12 per run, measured 2.8 s each at n = 3000 (6.5 s at 4000) on 2 busy cores,
+    # ~35 s of the 3-minute training budget. Memory: an n × n float64 matrix, 72 MB.
     ease_max_items: int = 3000
     ease_neighbors: int = 100  # EASE weights kept per item
     recent_quantile: float = 0.9  # "recent" popularity: interactions after this time quantile

@@ -210,6 +210,9 @@ def test_mix_grid_shares_the_whole_budget_with_every_source() -> None:
     grid = mix_grid(200, 8)
     assert len(grid) == 21 and len(set(grid)) == 21
     assert all(sum(m) == 200 and min(m) >= 25 for m in grid)
+    assert all(sum(m) == 30 and min(m) >= 3 for m in mix_grid(30, 8))  # 3 per step, rest to pop
+    with pytest.raises(ValueError, match="budget_steps"):
+        mix_grid(5, 8)
 
 
 def test_choice_on_validation_is_the_best_measured(synthetic_dataset: Dataset) -> None:
