@@ -53,13 +53,13 @@ def labelled_groups(
     Users none of whose label items are among their candidates teach nothing and are skipped."""
     for j in tqdm(rows.tolist(), desc=f"window {win.index}", leave=False, disable=None):
         user = int(win.label_users[j])
-        items, cooc = generate_candidates(tables, user, params)
+        items, scores = generate_candidates(tables, user, params)
         y = np.isin(items, label_items(win, j)).astype(np.float32)
         if not y.any():
             continue
         if shuffle is not None:
             y = shuffle.permutation(y)
-        yield j, user, build_features(tables, user, items, cooc), y
+        yield j, user, build_features(tables, user, items, scores), y
 
 
 def collect_groups(

@@ -13,7 +13,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from training.datasets import DataError, Dataset
 from training.engine import Engine
 from training.groups import Groups, best_rounds, collect_groups, label_items
 from training.report import write_report
+from training.retrieval import choose_retrieval
 from training.split import SplitConfig, Window, window
 
 log = logging.getLogger("training")
@@ -75,6 +76,9 @@ class TrainConfig:
     # A sanity check of the promotion gate: labels permuted within each group, so the
     # ranker learns nothing real (never set it for a model you mean to serve).
     shuffle_labels: bool = False
+    # Choose EASE's λ and the candidate mix on the latest label window (training/retrieval.py);
+    # off: `candidates` as given.
+    select_retrieval: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -258,6 +262,13 @@ def train(
     rng = np.random.default_rng(config.seed)
     eval_users = rng.random(log_.n_users) < config.eval_user_frac
 
+    retrieval_selection: dict[str, Any] = {"skipped": "select_retrieval is off"}
+    if config.select_retrieval:
+        with stages("choose retrieval (EASE λ, candidate mix) on window 1"):
+            selection = choose_retrieval(window(log_, 1, config.split), dataset.catalog, genre_names,
+                                         config.candidates, config.seed)  # fmt: skip
+        config, retrieval_selection = replace(config, candidates=selection.params), selection.curve
+
     train_groups, valid_groups = Groups(), Groups()
     for w in range(1, config.n_windows + 1):
         with stages(f"window {w}: tables and labelled candidates"):
@@ -343,6 +354,7 @@ def train(
         "metrics": metrics,
         "best_round": best_round,
         "validation_ndcg_curve": curve,
+        "retrieval_selection": retrieval_selection,
         "feature_importance": importance,
         "feature_schema": schema_as_dict(),
         "schema_hash": SCHEMA_HASH,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.core.candidates import CoocScores
+from models.core.candidates import UserScores
 from models.core.schema import FEATURE_DTYPE, FEATURE_INDEX, ITEM_FEATURES, N_FEATURES, USER_FEATURES
 from models.core.tables import UNKNOWN_YEAR, ServingTables
 
@@ -15,13 +15,16 @@ _USER_COLS = [FEATURE_INDEX[n] for n in USER_FEATURES]
 _ITEM_COLS = [FEATURE_INDEX[n] for n in ITEM_FEATURES]
 _UNKNOWN_USER = np.zeros(len(USER_FEATURES), dtype=FEATURE_DTYPE)
 _UNKNOWN_USER[USER_FEATURES.index("user_mean_year")] = UNKNOWN_YEAR
-COOC_RANK_NONE = 1000.0  # the rank given to items the user's recent items never co-occur with
+# The rank given to items a neighbour source did not score for this user (and the cap of
+# every rank: beyond the candidate budget, rank differences carry no information).
+RANK_NONE = 1000.0
 
 
 def build_features(
-    tables: ServingTables, user: int | None, items: np.ndarray, cooc: CoocScores
+    tables: ServingTables, user: int | None, items: np.ndarray, scores: UserScores
 ) -> np.ndarray:
-    """Features of `items` for `user` (None: a user with no history) in schema order."""
+    """Features of `items` for `user` (None: a user with no history) in schema order;
+    `scores` are the user's neighbour scores from candidate generation."""
     n = len(items)
     out = np.empty((n, N_FEATURES), dtype=FEATURE_DTYPE)
     user_row = tables.user_feats[user] if user is not None else _UNKNOWN_USER
@@ -29,17 +32,24 @@ def build_features(
     item_rows = tables.item_feats[items]
     out[:, _ITEM_COLS] = item_rows
 
+    cooc = scores.cooc
     pos, found = cooc.lookup(items)
     if len(cooc.items):
         out[:, FEATURE_INDEX["cooc_score"]] = np.where(found, cooc.score[pos], 0.0)
         out[:, FEATURE_INDEX["cooc_max"]] = np.where(found, cooc.best[pos], 0.0)
         out[:, FEATURE_INDEX["cooc_last"]] = np.where(found, cooc.last[pos], 0.0)
-        out[:, FEATURE_INDEX["cooc_rank"]] = np.where(
-            found, np.minimum(cooc.rank[pos], COOC_RANK_NONE), COOC_RANK_NONE
-        )
+        out[:, FEATURE_INDEX["cooc_rank"]] = np.where(found, np.minimum(cooc.rank[pos], RANK_NONE), RANK_NONE)
     else:
         out[:, [FEATURE_INDEX[c] for c in ("cooc_score", "cooc_max", "cooc_last")]] = 0.0
-        out[:, FEATURE_INDEX["cooc_rank"]] = COOC_RANK_NONE
+        out[:, FEATURE_INDEX["cooc_rank"]] = RANK_NONE
+    ease = scores.ease
+    pos, found = ease.lookup(items)
+    if len(ease.items):
+        out[:, FEATURE_INDEX["ease_score"]] = np.where(found, ease.score[pos], 0.0)
+        out[:, FEATURE_INDEX["ease_rank"]] = np.where(found, np.minimum(ease.rank[pos], RANK_NONE), RANK_NONE)
+    else:
+        out[:, FEATURE_INDEX["ease_score"]] = 0.0
+        out[:, FEATURE_INDEX["ease_rank"]] = RANK_NONE
     out[:, FEATURE_INDEX["pop_rank"]] = np.log1p(tables.pop_rank[items])
 
     if user is not None:

@@ -1,4 +1,4 @@
-"""Model parameters of candidate generation and the co-occurrence index.
+"""Model parameters of candidate generation and its indexes (co-occurrence, EASE).
 
 They are part of a model version (saved in its metadata), not serving settings: a version is
 always served with the parameters it was trained and evaluated with.
@@ -12,14 +12,28 @@ from typing import Any
 
 @dataclass(frozen=True)
 class CandidateParams:
-    """How candidates are generated and how the co-occurrence index is built."""
+    """How candidates are generated and how the co-occurrence and EASE indexes are built."""
 
-    recent_items: int = 20  # the user's last items that seed co-occurrence
+    recent_items: int = 20  # the user's last items that seed co-occurrence and EASE
     recency_decay: float = 0.85  # weight of the n-th most recent item: decay**n
     cooc_window: int = 10  # pairs are counted within this many steps of a timeline
     cooc_neighbors: int = 100  # neighbours kept per item in the index
-    n_cooc: int = 150  # candidates from co-occurrence
+    # The candidate budget by source. Training chooses the mix on validation
+    # (training/retrieval.py); the default splits the 150 neighbour candidates of the
+    # two-source model evenly between its two neighbour sources.
+    n_cooc: int = 75  # candidates from co-occurrence
+    n_ease: int = 75  # candidates from EASE, not already chosen
     n_pop: int = 50  # candidates from popularity
+    # EASE λ as a multiple of the mean of diag(XᵀX); chosen on validation, the default is
+    # the geometric centre of the search grid.
+    ease_l2: float = 8.0
+    # EASE models the history's most popular items only. The rule: with more users than
+    # items, EASE costs one n × n inverse (~n³ flops) per table build (5 per run) and ~7
+    # inverse-equivalents in the λ search (an eigendecomposition ≈ 2.5, a product per λ
+    # ≈ 0.7): ~12 per run, measured 2.8 s each at n = 3000 (6.5 s at 4000) on 2 busy cores,
+    # ~35 s of the 3-minute training budget. Memory: an n × n float64 matrix, 72 MB.
+    ease_max_items: int = 3000
+    ease_neighbors: int = 100  # EASE weights kept per item
     recent_quantile: float = 0.9  # "recent" popularity: interactions after this time quantile
 
     def __post_init__(self) -> None:

@@ -12,11 +12,11 @@ import numpy as np
 
 from models.core.candidates import (
     COOCCURRENCE,
+    EASE,
     POPULARITY,
     CandidateSource,
     candidates_by_source,
-    cooc_scores,
-    recent_items,
+    user_scores,
 )
 from models.core.features import build_features
 from models.core.params import CandidateParams
@@ -43,9 +43,10 @@ class Prepared:
     user: int | None  # None: unknown user (cold start)
     items: np.ndarray  # int32 item indices
     features: np.ndarray  # float32 (len(items), N_FEATURES)
-    # The first n_cooc items came from co-occurrence, the others from popularity; None when
-    # the client gave the items (/rank).
+    # The first n_cooc items came from co-occurrence, the next n_ease from EASE, the others
+    # from popularity; n_cooc is None when the client gave the items (/rank).
     n_cooc: int | None = None
+    n_ease: int = 0
 
 
 class Recommender:
@@ -71,13 +72,14 @@ class Recommender:
         return np.asarray(idx, dtype=np.int32)
 
     def prepare_recommend(self, user: int, exclude_seen: bool) -> Prepared:
-        from_cooc, from_pop, cooc = candidates_by_source(self.tables, user, self.params, exclude_seen)
-        items = np.concatenate((from_cooc, from_pop))
-        return Prepared(user, items, build_features(self.tables, user, items, cooc), len(from_cooc))
+        candidates = candidates_by_source(self.tables, user, self.params, exclude_seen)
+        items = candidates.items
+        features = build_features(self.tables, user, items, candidates.scores)
+        return Prepared(user, items, features, len(candidates.cooc), len(candidates.ease))
 
     def prepare_rank(self, user: int | None, items: np.ndarray) -> Prepared:
-        cooc = cooc_scores(self.tables, recent_items(self.tables, user, self.params), self.params)
-        return Prepared(user, items, build_features(self.tables, user, items, cooc))
+        scores = user_scores(self.tables, user, self.params)
+        return Prepared(user, items, build_features(self.tables, user, items, scores))
 
     def popular(self, k: int) -> np.ndarray:
         return self.tables.pop_order[:k]
@@ -110,8 +112,10 @@ class Recommender:
         items, top_scores = top_k(prepared.items, scores, k)
         sources = None
         if prepared.n_cooc is not None:
-            from_cooc = np.isin(items, prepared.items[: prepared.n_cooc])
-            sources = [COOCCURRENCE if c else POPULARITY for c in from_cooc.tolist()]
+            n_cooc, n_neighbour = prepared.n_cooc, prepared.n_cooc + prepared.n_ease
+            from_cooc = np.isin(items, prepared.items[:n_cooc]).tolist()
+            from_ease = np.isin(items, prepared.items[n_cooc:n_neighbour]).tolist()
+            sources = [COOCCURRENCE if c else EASE if e else POPULARITY for c, e in zip(from_cooc, from_ease)]
         return self.describe(items, top_scores, sources)
 
     def popular_described(self, k: int) -> list[dict[str, Any]]:

@@ -15,6 +15,7 @@ import pandas as pd
 
 from models.core.interactions import InteractionLog, ItemCatalog
 from models.core.params import CandidateParams
+from models.core.retrieval import build_ease_index
 from models.core.schema import ITEM_FEATURES, USER_FEATURES
 
 ITEMS_FILE = "items.parquet"
@@ -25,7 +26,8 @@ UNKNOWN_YEAR = -1.0
 
 @dataclass(frozen=True)
 class ServingTables:
-    """Item and user tables, user histories and the co-occurrence index, all dense-indexed."""
+    """Item and user tables, user histories, the co-occurrence index and the sparse EASE
+    weights, all dense-indexed."""
 
     item_ids: np.ndarray  # str (I,)
     titles: np.ndarray  # str (I,)
@@ -42,6 +44,9 @@ class ServingTables:
     cooc_indptr: np.ndarray  # int64 (I+1,): CSR of each item's neighbours, best first
     cooc_items: np.ndarray  # int32
     cooc_scores: np.ndarray  # float32
+    ease_indptr: np.ndarray  # int64 (I+1,): CSR of each item's EASE weights, best first
+    ease_items: np.ndarray  # int32: the items each row's weights go to
+    ease_weights: np.ndarray  # float32, > 0
 
     @property
     def n_items(self) -> int:
@@ -85,6 +90,9 @@ class ServingTables:
             cooc_indptr=self.cooc_indptr,
             cooc_items=self.cooc_items,
             cooc_scores=self.cooc_scores,
+            ease_indptr=self.ease_indptr,
+            ease_items=self.ease_items,
+            ease_weights=self.ease_weights,
         )
         return [ITEMS_FILE, USERS_FILE, ARRAYS_FILE]
 
@@ -113,6 +121,9 @@ class ServingTables:
             cooc_indptr=a["cooc_indptr"],
             cooc_items=a["cooc_items"],
             cooc_scores=a["cooc_scores"],
+            ease_indptr=a["ease_indptr"],
+            ease_items=a["ease_items"],
+            ease_weights=a["ease_weights"],
         )
 
 
@@ -210,6 +221,7 @@ def build_tables(
 
     hist_indptr = np.concatenate(([0], np.cumsum(user_count.astype(np.int64)))).astype(np.int64)
     cooc_indptr, cooc_items, cooc_scores = build_cooc_index(history, n_items, params)
+    ease_indptr, ease_items, ease_weights = build_ease_index(history, n_items, params)
     return ServingTables(
         item_ids=catalog.item_ids,
         titles=catalog.titles,
@@ -226,4 +238,7 @@ def build_tables(
         cooc_indptr=cooc_indptr,
         cooc_items=cooc_items,
         cooc_scores=cooc_scores,
+        ease_indptr=ease_indptr,
+        ease_items=ease_items,
+        ease_weights=ease_weights,
     )

@@ -40,8 +40,8 @@ class RecommendedItem(BaseModel):
     source: CandidateSource | None = Field(
         default=None,
         description="Which candidate generator proposed it: cooccurrence (with the user's recent "
-        "items) or popularity (also every item of a cold-start fallback); null for /rank, whose "
-        "items the client gave.",
+        "items), ease (the learned item-item model, from the same items) or popularity (also "
+        "every item of a cold-start fallback); null for /rank, whose items the client gave.",
     )
     title: str
     genres: list[str]

@@ -41,6 +41,12 @@ def test_version_has_lineage_metadata_and_labels(trained: TrainResult) -> None:
     assert set(meta["versions"]) == {"xgboost", "bentoml", "python"}
     assert meta["code_version"]
     assert meta["params"]["ranker"]["objective"] == "rank:ndcg"
+    # Retrieval was chosen on validation, and the version keeps what it chose and measured.
+    chosen, candidates = meta["retrieval_selection"]["chosen"], meta["params"]["candidates"]
+    assert {k: candidates[k] for k in ("ease_l2", "n_cooc", "n_ease", "n_pop")} == {
+        k: chosen[k] for k in ("ease_l2", "n_cooc", "n_ease", "n_pop")
+    }
+    assert chosen["ease_l2"] in [row["ease_l2"] for row in meta["retrieval_selection"]["lambda"]]
     assert model.info.labels["dataset"] == "synthetic"
     assert model.info.labels["schema"] == SCHEMA_HASH
 

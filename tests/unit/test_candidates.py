@@ -1,21 +1,24 @@
-"""Candidate generation, the co-occurrence index and top-k: invariants checked with
-hypothesis over users, k and the exclude_seen switch."""
+"""Candidate generation, the co-occurrence and EASE indexes and top-k: invariants checked
+with hypothesis over users, k and the exclude_seen switch."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from models.core.candidates import (
     COOCCURRENCE,
+    EASE,
     POPULARITY,
     candidates_by_source,
     cooc_scores,
     generate_candidates,
     recent_items,
+    user_scores,
 )
-from models.core.features import COOC_RANK_NONE, build_features
+from models.core.features import RANK_NONE, build_features
 from models.core.params import CandidateParams
 from models.core.ranking import top_k
 from models.core.recommender import Recommender
@@ -33,7 +36,7 @@ def test_candidates_are_unique_bounded_and_unseen(
     user = int(user_frac * tables.n_users)
     items, _ = generate_candidates(tables, user, params, exclude_seen)
     assert len(np.unique(items)) == len(items)
-    assert len(items) <= params.n_cooc + params.n_pop
+    assert len(items) <= params.n_cooc + params.n_ease + params.n_pop
     assert ((items >= 0) & (items < tables.n_items)).all()
     if exclude_seen:
         assert not np.isin(items, tables.history(user)).any()
@@ -67,18 +70,22 @@ def test_top_k_of_candidates(
 def test_each_recommended_item_names_the_generator_that_proposed_it(
     tables: ServingTables, params: CandidateParams, user_frac: float, k: int, seed: int
 ) -> None:
-    """`source` is cooccurrence exactly for the items of the co-occurrence list, popularity
-    for the others (an item can be in both tables; the candidate list decides)."""
+    """`source` names the list an item came from: co-occurrence, EASE or popularity (an item
+    can be in several tables; the candidate list decides)."""
     user = int(user_frac * tables.n_users)
-    from_cooc, from_pop, _ = candidates_by_source(tables, user, params)
+    candidates = candidates_by_source(tables, user, params)
     rec = Recommender(tables, params)
     prepared = rec.prepare_recommend(user, exclude_seen=True)
     scores = np.random.default_rng(seed).normal(size=len(prepared.items)).astype(np.float32)
     rows = rec.ranked(prepared, scores, k)
-    cooc_ids, pop_ids = set(tables.item_ids[from_cooc].tolist()), set(tables.item_ids[from_pop].tolist())
+    source_of = {
+        **{i: POPULARITY for i in tables.item_ids[candidates.pop].tolist()},
+        **{i: EASE for i in tables.item_ids[candidates.ease].tolist()},
+        **{i: COOCCURRENCE for i in tables.item_ids[candidates.cooc].tolist()},
+    }
+    assert len(source_of) == len(candidates.items)  # the three lists are disjoint
     for row in rows:
-        assert row["source"] == (COOCCURRENCE if row["item_id"] in cooc_ids else POPULARITY)
-        assert row["item_id"] in cooc_ids | pop_ids
+        assert row["source"] == source_of[row["item_id"]]
     assert [r["source"] for r in rec.popular_described(k)] == [POPULARITY] * min(k, tables.n_items)
     ranked = rec.ranked(rec.prepare_rank(user, prepared.items), scores, k)
     assert {r["source"] for r in ranked} == {None}  # /rank: the client chose the items
@@ -90,25 +97,41 @@ def test_top_k_keeps_candidate_order_on_ties() -> None:
     assert ranked.tolist() == [7, 3]
 
 
-def test_cooc_candidates_come_first_ordered_by_score(tables: ServingTables, params: CandidateParams) -> None:
+def test_each_source_is_ordered_by_its_score(tables: ServingTables, params: CandidateParams) -> None:
+    """Co-occurrence candidates first, by co-occurrence score; then EASE's, by EASE score,
+    none of them seen or already chosen; then popular items in popularity order."""
     user = int(np.argmax(np.diff(tables.hist_indptr)))  # the most active user
-    items, cooc = generate_candidates(tables, user, params)
-    unseen_cooc = cooc.items[~np.isin(cooc.items, tables.history(user))]
-    n_cooc = min(params.n_cooc, len(unseen_cooc))
-    assert n_cooc > 0
-    pos, found = cooc.lookup(items[:n_cooc])
-    assert found.all()
-    assert (np.diff(cooc.score[pos]) <= 1e-12).all()
-    # The popularity part follows popularity order.
-    assert (np.diff(tables.pop_rank[items[n_cooc:]]) > 0).all()
+    candidates = candidates_by_source(tables, user, params)
+    seen = tables.history(user)
+    for part, scores, n in ((candidates.cooc, candidates.scores.cooc, params.n_cooc),
+                            (candidates.ease, candidates.scores.ease, params.n_ease)):  # fmt: skip
+        assert 0 < len(part) <= n
+        pos, found = scores.lookup(part)
+        assert found.all() and not np.isin(part, seen).any()
+        # Ranked at float32, the precision of the features.
+        assert (np.diff(scores.score[pos].astype(np.float32)) <= 0).all()
+    assert not np.isin(candidates.ease, candidates.cooc).any()
+    # EASE takes its best unseen items that co-occurrence did not take.
+    ranked = candidates.scores.ease.ranked_items
+    assert candidates.ease.tolist() == ranked[~np.isin(ranked, np.concatenate((seen, candidates.cooc)))][
+        : params.n_ease
+    ].tolist()
+    assert (np.diff(tables.pop_rank[candidates.pop]) > 0).all()
+    assert candidates.items.tolist() == [*candidates.cooc, *candidates.ease, *candidates.pop]
 
 
-def test_cooc_index_rows_are_sorted_and_bounded(tables: ServingTables, params: CandidateParams) -> None:
-    lengths = np.diff(tables.cooc_indptr)
-    assert lengths.max() <= params.cooc_neighbors
+@pytest.mark.parametrize("index", ["cooc", "ease"])
+def test_neighbour_index_rows_are_sorted_and_positive(tables: ServingTables, params: CandidateParams, index: str) -> None:
+    indptr = getattr(tables, f"{index}_indptr")
+    items = getattr(tables, f"{index}_items")
+    weights = getattr(tables, "cooc_scores" if index == "cooc" else "ease_weights")
+    lengths = np.diff(indptr)
+    assert len(indptr) == tables.n_items + 1 and indptr[-1] == len(items) == len(weights) > 0
+    if index == "cooc":  # EASE keeps k per target item, so a source row can hold more
+        assert lengths.max() <= params.cooc_neighbors
     for i in np.flatnonzero(lengths)[:50]:
-        row = tables.cooc_scores[tables.cooc_indptr[i] : tables.cooc_indptr[i + 1]]
-        neighbours = tables.cooc_items[tables.cooc_indptr[i] : tables.cooc_indptr[i + 1]]
+        row = weights[indptr[i] : indptr[i + 1]]
+        neighbours = items[indptr[i] : indptr[i + 1]]
         assert (np.diff(row) <= 0).all() and (row > 0).all()
         assert i not in neighbours
 
@@ -122,17 +145,19 @@ def test_recent_items_are_latest_first(tables: ServingTables, params: CandidateP
 
 
 def test_unknown_user_gets_popular_candidates(tables: ServingTables, params: CandidateParams) -> None:
-    items, cooc = generate_candidates(tables, None, params)
-    assert len(cooc.items) == 0
+    items, scores = generate_candidates(tables, None, params)
+    assert len(scores.cooc.items) == len(scores.ease.items) == 0
     assert items.tolist() == tables.pop_order[: params.n_pop].tolist()
 
 
 def test_features_of_candidates(tables: ServingTables, params: CandidateParams) -> None:
     user = 1
     recent = recent_items(tables, user, params)
-    cooc = cooc_scores(tables, recent, params)
+    scores = user_scores(tables, user, params)
+    cooc = scores.cooc
+    assert cooc.items.tolist() == cooc_scores(tables, recent, params).items.tolist()
     items, _ = generate_candidates(tables, user, params)
-    x = build_features(tables, user, items, cooc)
+    x = build_features(tables, user, items, scores)
     assert x.shape == (len(items), N_FEATURES) and x.dtype == np.float32
     assert np.isfinite(x).all()
     _, found = cooc.lookup(items)
@@ -141,4 +166,10 @@ def test_features_of_candidates(tables: ServingTables, params: CandidateParams) 
     # score is a weighted sum over the recent items, so it bounds the best single score.
     min_weight = params.recency_decay ** (len(recent) - 1)
     assert (best * min_weight <= score + 1e-6).all()
-    assert (x[~found, FEATURE_INDEX["cooc_rank"]] == COOC_RANK_NONE).all()
+    assert (x[~found, FEATURE_INDEX["cooc_rank"]] == RANK_NONE).all()
+    pos, found = scores.ease.lookup(items)
+    assert found.any() and np.allclose(x[found, FEATURE_INDEX["ease_score"]], scores.ease.score[pos[found]])
+    assert (x[~found, FEATURE_INDEX["ease_score"]] == 0).all()
+    assert (x[~found, FEATURE_INDEX["ease_rank"]] == RANK_NONE).all()
+    ranks = x[found, FEATURE_INDEX["ease_rank"]]
+    assert (ranks == np.minimum(scores.ease.rank[pos[found]], RANK_NONE)).all()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.core.candidates import CoocScores
+from models.core.candidates import UserScores
 from models.core.features import build_features
 from models.core.schema import (
     FEATURE_NAMES,
@@ -43,7 +43,7 @@ def test_tables_store_user_and_item_features_in_schema_order(tables: ServingTabl
     """build_features copies table columns into the schema's slots: the tables' column
     order must be the schema's order for each group."""
     user, items = 0, np.arange(min(5, tables.n_items), dtype=np.int32)
-    x = build_features(tables, user, items, CoocScores.empty())
+    x = build_features(tables, user, items, UserScores.empty())
     for j, name in enumerate(USER_FEATURES):
         assert np.allclose(x[:, FEATURE_NAMES.index(name)], tables.user_feats[user, j])
     for j, name in enumerate(ITEM_FEATURES):

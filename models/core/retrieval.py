@@ -1,0 +1,195 @@
+"""Learned retrieval: EASE (Steck 2019), a closed-form item-item model.
+
+    min_B ||X - XB||² + λ||B||²  subject to diag(B) = 0
+    P = (XᵀX + λI)⁻¹,  B = I - P / diag(P)  (column j divided by P_jj), diagonal zero.
+
+X is the binary user × item matrix of a history, restricted to its `max_items` most popular
+items so that the n × n algebra stays bounded (`CandidateParams.ease_max_items` says how).
+For serving, B is kept sparse: the best `ease_neighbors` weights of each item's row, as a
+CSR over the whole catalog in the layout of the co-occurrence index. A user's EASE score of
+item j is Σ_{i in history} B_ij, the sum of the rows of the user's items.
+
+λ is given relative to the data, as a multiple of the mean of diag(XᵀX) (the mean number of
+users per item), so one value means the same amount of shrinkage on any data set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from models.core.interactions import InteractionLog
+from models.core.params import CandidateParams
+
+# Rows of X turned into a Gram matrix at once: bounds the dense temporaries to this many
+# users × max_items floats.
+_USER_CHUNK = 4096
+# Columns of B searched for their best weights at once (bounds argpartition's temporaries).
+_COLUMN_CHUNK = 512
+
+
+def ease_items(history: InteractionLog, n_items: int, max_items: int) -> np.ndarray:
+    """The `max_items` items of `history` with the most users (ties: lower index), ascending
+    by index; items nobody had are left out."""
+    users_per_item = np.bincount(_pairs(history)[1], minlength=n_items)
+    order = np.lexsort((np.arange(n_items), -users_per_item))
+    top = order[: min(max_items, int((users_per_item > 0).sum()))]
+    return np.sort(top).astype(np.int32)
+
+
+def _pairs(history: InteractionLog) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct (user, item) pairs: X is binary, a repeated interaction counts once."""
+    n_items = int(history.item.max()) + 1 if len(history) else 1
+    keys = np.unique(history.user.astype(np.int64) * n_items + history.item)
+    return (keys // n_items).astype(np.int64), (keys % n_items).astype(np.int64)
+
+
+def binary_matrix(history: InteractionLog, items: np.ndarray) -> np.ndarray:
+    """X: float32 (users with any of `items`, len(items)), 1 where the user had the item.
+    Columns follow `items` (ascending); users without any of them are left out (zero rows
+    add nothing to XᵀX)."""
+    user, item = _pairs(history)
+    col = np.searchsorted(items, item)
+    col = np.minimum(col, max(len(items) - 1, 0))
+    keep = (items[col] == item) if len(items) else np.zeros(len(item), dtype=bool)
+    rows, row_index = np.unique(user[keep], return_inverse=True)
+    x = np.zeros((len(rows), len(items)), dtype=np.float32)
+    x[row_index, col[keep]] = 1.0
+    return x
+
+
+def mean_diagonal(x: np.ndarray) -> float:
+    """Mean of diag(XᵀX) for binary X: the mean number of users per item."""
+    return float(x.sum() / max(x.shape[1], 1))
+
+
+def gram(x: np.ndarray) -> np.ndarray:
+    """G = XᵀX in float64, summed over chunks of users (exact: counts of binary products)."""
+    g = np.zeros((x.shape[1], x.shape[1]), dtype=np.float64)
+    for start in range(0, len(x), _USER_CHUNK):
+        chunk = x[start : start + _USER_CHUNK]
+        g += (chunk.T @ chunk).astype(np.float64)
+    return g
+
+
+def weights_from_inverse(p: np.ndarray) -> np.ndarray:
+    """B = I - P / diag(P) with a zero diagonal, in place of `p` (which it returns)."""
+    diag = np.diag(p).copy()
+    p /= -diag[None, :]
+    np.fill_diagonal(p, 0.0)
+    return p
+
+
+def ease_weights(g: np.ndarray, lam: float) -> np.ndarray:
+    """B from G = XᵀX and an absolute λ > 0, through the direct inverse of G + λI."""
+    if not lam > 0:
+        raise ValueError(f"ease λ must be > 0, got {lam}")
+    a = g.astype(np.float64, copy=True)
+    a[np.diag_indices_from(a)] += lam
+    return weights_from_inverse(np.linalg.inv(a))
+
+
+@dataclass(frozen=True)
+class GramEigen:
+    """G = XᵀX = V diag(values) Vᵀ restricted to its non-zero part: V is (n, r), r = rank."""
+
+    values: np.ndarray  # float64 (r,), > 0
+    vectors: np.ndarray  # float64 (n, r), orthonormal columns
+
+    @classmethod
+    def of(cls, x: np.ndarray) -> GramEigen:
+        """From X, through the smaller of XXᵀ (users × users) and XᵀX (items × items): with
+        fewer users than items, the user side is far cheaper and gives the same non-zero
+        eigenvalues (V = XᵀU / sqrt(values))."""
+        n_users, n = x.shape
+        tol = 1e-9 * max(n_users, n, 1)
+        if n_users < n:
+            xd = x.astype(np.float64)
+            values, u = np.linalg.eigh(xd @ xd.T)
+            keep = values > tol
+            values, u = values[keep], u[:, keep]
+            return cls(values, (xd.T @ u) / np.sqrt(values))
+        values, v = np.linalg.eigh(gram(x))
+        keep = values > tol
+        return cls(values[keep], v[:, keep])
+
+    def inverse(self, lam: float) -> np.ndarray:
+        """P(λ) = (G + λI)⁻¹ = I/λ + V diag(1/(values+λ) - 1/λ) Vᵀ (exact: G is zero off
+        the span of V, where P is I/λ)."""
+        if not lam > 0:
+            raise ValueError(f"ease λ must be > 0, got {lam}")
+        n = self.vectors.shape[0]
+        p = (self.vectors * (1.0 / (self.values + lam) - 1.0 / lam)) @ self.vectors.T
+        p[np.diag_indices(n)] += 1.0 / lam
+        return p
+
+
+def ease_weights_path(eigen: GramEigen, lams: Sequence[float]) -> Iterator[np.ndarray]:
+    """B(λ) for each λ of `lams` in turn, all from one eigendecomposition (one n × n
+    matrix alive at a time)."""
+    for lam in lams:
+        yield weights_from_inverse(eigen.inverse(lam))
+
+
+def top_neighbours(
+    b: np.ndarray, items: np.ndarray, n_items: int, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The sparse B of serving: for each target item (column c of B), its k source items
+    with the largest positive weights B[a, c] (the weight of items[c] for a user who had
+    items[a]). Laid out as a CSR by source item over the whole catalog, like the
+    co-occurrence index, so a user's scores are the sum of the rows of their items:
+    (indptr int64 (n_items+1,), targets int32, weights float32), each row best first (ties:
+    lower item first); items outside `items` have empty rows.
+
+    Per target, not per source: each candidate keeps its strongest evidence, and a source
+    row then holds as many entries as it is strong evidence for (k on average). On
+    MovieLens-small this kept 2-3 points more candidate recall than the same k per source row.
+    """
+    n = len(items)
+    k = min(k, max(n - 1, 0))
+    if n == 0 or k == 0:
+        return np.zeros(n_items + 1, dtype=np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32)
+    src_parts: list[np.ndarray] = []
+    dst_parts: list[np.ndarray] = []
+    w_parts: list[np.ndarray] = []
+    # Columns in chunks: argpartition's index array is as large as its input.
+    for start in range(0, n, _COLUMN_CHUNK):
+        cols = np.ascontiguousarray(b[:, start : start + _COLUMN_CHUNK].T)  # (chunk, n)
+        part = np.argpartition(-cols, k - 1, axis=1)[:, :k]
+        vals = np.take_along_axis(cols, part, axis=1)
+        positive = vals > 0
+        dst = np.broadcast_to(np.arange(start, start + len(cols))[:, None], part.shape)
+        src_parts.append(part[positive])
+        dst_parts.append(dst[positive])
+        w_parts.append(vals[positive])
+    src, dst, w = np.concatenate(src_parts), np.concatenate(dst_parts), np.concatenate(w_parts)
+    order = np.lexsort((dst, -w, src))
+    src, dst, w = items[src[order]], items[dst[order]], w[order]
+    indptr = np.concatenate(([0], np.cumsum(np.bincount(src, minlength=n_items)))).astype(np.int64)
+    return indptr, dst.astype(np.int32), w.astype(np.float32)
+
+
+def build_ease_index(
+    history: InteractionLog, n_items: int, params: CandidateParams
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The EASE neighbour CSR of `history` with λ = params.ease_l2 × mean diag(XᵀX), by
+    whichever exact route is cheaper: the user-side eigendecomposition when there are much
+    fewer users than items, else the direct inverse."""
+    items = ease_items(history, n_items, params.ease_max_items)
+    x = binary_matrix(history, items)
+    lam = params.ease_l2 * mean_diagonal(x)
+    if len(items) == 0 or lam <= 0:
+        return top_neighbours(np.zeros((0, 0)), items, n_items, params.ease_neighbors)
+    if _user_side_is_cheaper(*x.shape):
+        b = next(ease_weights_path(GramEigen.of(x), [lam]))
+    else:
+        b = ease_weights(gram(x), lam)
+    return top_neighbours(b, items, n_items, params.ease_neighbors)
+
+
+def _user_side_is_cheaper(n_users: int, n: int) -> bool:
+    """Flop counts: eigh of u × u (≈ 3u³, measured ~2.5× an inverse of the same size) and
+    the rank-u product for P (2n²u), against the n × n inverse (≈ n³)."""
+    return 3 * n_users**3 + 2 * n * n * n_users < n**3
