@@ -35,7 +35,7 @@ from models.core.retrieval import (
     mean_diagonal,
     top_neighbours,
 )
-from models.core.tables import ServingTables, build_tables
+from models.core.tables import ServingTables, build_tables, popularity
 from training.groups import label_items
 from training.split import Window
 
@@ -55,6 +55,10 @@ class RetrievalSearch:
     # Users measured, drawn with the run's seed: a recall over n users has a standard error
     # of at most 0.5/sqrt(n), 0.011 at 2,000, well below the differences chosen between.
     max_users: int = 2000
+    # The popularity order: the weight of recent over all-time counts, and where "recent"
+    # starts (a time quantile of the history), chosen first by the recall of that list alone.
+    pop_trends: tuple[float, ...] = (0.0, 0.5, 1.0)
+    recent_quantiles: tuple[float, ...] = (0.8, 0.9, 0.95)
 
     def __post_init__(self) -> None:
         if not self.l2_grid or min(self.l2_grid) <= 0:
@@ -107,12 +111,14 @@ def choose_retrieval(
     budget = params.n_cooc + params.n_ease + params.n_pop
     if len(win.label_users) == 0:
         return RetrievalSelection(params, {"skipped": "no labelled users in the window", "window": win.index})
-    # Tables without EASE (a one-item model costs nothing): its index is swapped in per λ.
-    tables = build_tables(win.history, catalog, genre_names, replace(params, ease_max_items=1))
     rng = np.random.default_rng(seed)
     rows = np.arange(len(win.label_users))
     if len(rows) > search.max_users:
         rows = np.sort(rng.choice(rows, search.max_users, replace=False))
+    params, pop_rows = _choose_popularity(win, rows, catalog.n_items, params, budget, search)
+    # Tables without EASE (a one-item model costs nothing): its index is swapped in per λ.
+    tables = build_tables(win.history, catalog, genre_names, replace(params, ease_max_items=1),
+                          user_history=win.user_history)  # fmt: skip
     users = []
     for j in rows.tolist():
         user = int(win.label_users[j])
@@ -180,13 +186,48 @@ def choose_retrieval(
         "budget": budget,
         "ease_items": len(items),
         "mean_diag": mean_diag,
+        "popularity": pop_rows,
         "lambda": lambda_rows,
         "mix": mix_rows,
-        "chosen": {"ease_l2": chosen_l2, "n_cooc": n_cooc, "n_ease": n_ease, "n_pop": n_pop, "recall": mix_recall},
+        "chosen": {"pop_trend": params.pop_trend, "recent_quantile": params.recent_quantile, "ease_l2": chosen_l2, "n_cooc": n_cooc, "n_ease": n_ease, "n_pop": n_pop, "recall": mix_recall},
         "recall_without_ease": {"n_cooc": without_ease[0], "n_pop": without_ease[2], "recall": baseline},
         "seconds": round(seconds, 3),
     }
     return RetrievalSelection(chosen, curve)
+
+
+def _choose_popularity(
+    win: Window, rows: np.ndarray, n_items: int, params: CandidateParams, budget: int, search: RetrievalSearch
+) -> tuple[CandidateParams, list[dict[str, float]]]:
+    """The (pop_trend, recent_quantile) whose popularity list alone, `budget` long and
+    without seen items, recalls most of the label items of the users `rows`."""
+    seen_by = win.user_history
+    starts = np.searchsorted(seen_by.user, win.label_users[rows])
+    ends = np.searchsorted(seen_by.user, win.label_users[rows], side="right")
+    taken = np.zeros(n_items, dtype=bool)
+    measured: list[dict[str, float]] = []
+    best: tuple[float, CandidateParams] | None = None
+    for trend in search.pop_trends:
+        for quantile in search.recent_quantiles:
+            trial = replace(params, pop_trend=trend, recent_quantile=quantile)
+            order = popularity(win.history, n_items, trial)[2]
+            recalls = np.empty(len(rows))
+            for r, j in enumerate(rows.tolist()):
+                seen = seen_by.item[starts[r] : ends[r]]
+                head = order[: budget + len(seen)]
+                taken[seen] = True
+                listed = np.zeros(n_items, dtype=bool)
+                listed[head[~taken[head]][:budget]] = True
+                recalls[r] = listed[label_items(win, j)].mean()
+                taken[seen] = False
+            recall = float(recalls.mean()) if len(recalls) else 0.0
+            measured.append({"pop_trend": trend, "recent_quantile": quantile, "recall": recall})
+            if best is None or recall > best[0]:
+                best = (recall, trial)
+    assert best is not None, "RetrievalSearch has no popularity grid"
+    log.info("popularity order: pop_trend %g, recent_quantile %g: recall of its top %d %.4f",
+             best[1].pop_trend, best[1].recent_quantile, budget, best[0])  # fmt: skip
+    return best[1], measured
 
 
 def _mix_recall(

@@ -35,14 +35,21 @@ class CandidateParams:
     ease_max_items: int = 3000
     ease_neighbors: int = 100  # EASE weights kept per item
     recent_quantile: float = 0.9  # "recent" popularity: interactions after this time quantile
+    # The popularity order (the popularity source, the pop_rank feature, the cold-start
+    # fallback) sorts by (1 - pop_trend) * log1p(all-time count) + pop_trend * log1p(recent
+    # count): 0 is all-time popularity, 1 what is popular lately. Chosen on validation with
+    # recent_quantile (training/retrieval.py).
+    pop_trend: float = 1.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if value <= 0:
+            if value < 0 or (value == 0 and f.name != "pop_trend"):
                 raise ValueError(f"CandidateParams.{f.name} must be > 0, got {value}")
         if not 0 < self.recency_decay <= 1 or not 0 < self.recent_quantile < 1:
             raise ValueError("recency_decay must be in (0, 1] and recent_quantile in (0, 1)")
+        if not 0 <= self.pop_trend <= 1:
+            raise ValueError(f"CandidateParams.pop_trend must be in [0, 1], got {self.pop_trend}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -174,6 +174,25 @@ def build_cooc_index(
     return indptr, dst.astype(np.int32), score.astype(np.float32)
 
 
+def popularity(
+    history: InteractionLog, n_items: int, params: CandidateParams
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """All-time and recent counts per item, the popularity order (most popular first, by
+    params.pop_trend) and each item's position in it."""
+    count = np.bincount(history.item, minlength=n_items).astype(np.float64)
+    if len(history):
+        cutoff = np.quantile(history.ts, params.recent_quantile)
+        recent = np.bincount(history.item[history.ts >= cutoff], minlength=n_items).astype(np.float64)
+    else:
+        recent = np.zeros(n_items)
+    key = (1.0 - params.pop_trend) * np.log1p(count) + params.pop_trend * np.log1p(recent)
+    # Ties are broken by all-time popularity, then by index, so the order is stable.
+    pop_order = np.lexsort((np.arange(n_items), -count, -key)).astype(np.int32)
+    pop_rank = np.empty(n_items, dtype=np.int32)
+    pop_rank[pop_order] = np.arange(n_items, dtype=np.int32)
+    return count, recent, pop_order, pop_rank
+
+
 def build_tables(
     history: InteractionLog, catalog: ItemCatalog, genre_names: list[str], params: CandidateParams,
     user_history: InteractionLog | None = None,
@@ -186,22 +205,13 @@ def build_tables(
     n_items, n_users = catalog.n_items, users_log.n_users
     item = history.item
 
-    count = np.bincount(item, minlength=n_items).astype(np.float64)
-    if len(history):
-        cutoff = np.quantile(history.ts, params.recent_quantile)
-        recent = np.bincount(item[history.ts >= cutoff], minlength=n_items).astype(np.float64)
-    else:
-        recent = np.zeros(n_items)
+    count, recent, pop_order, pop_rank = popularity(history, n_items, params)
     rated = ~np.isnan(history.rating)
     rating_sum = np.bincount(item[rated], weights=history.rating[rated], minlength=n_items)
     rating_n = np.bincount(item[rated], minlength=n_items)
     mean_rating = np.where(rating_n > 0, rating_sum / np.maximum(rating_n, 1), 0.0)
     years = catalog.years.astype(np.float64)
     item_feats = np.column_stack([np.log1p(count), np.log1p(recent), years, mean_rating])
-    # Ties in popularity are broken by recent popularity, then by index, so order is stable.
-    pop_order = np.lexsort((np.arange(n_items), -recent, -count)).astype(np.int32)
-    pop_rank = np.empty(n_items, dtype=np.int32)
-    pop_rank[pop_order] = np.arange(n_items, dtype=np.int32)
 
     user, item = users_log.user, users_log.item
     user_count = np.bincount(user, minlength=n_users).astype(np.float64)

@@ -7,10 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from models.core.candidates import EASE, candidates_by_source, ease_scores, recent_items
-from models.core.interactions import InteractionLog, ItemCatalog
+from models.core.interactions import InteractionLog, ItemCatalog, build_log
 from models.core.params import CandidateParams
 from models.core.recommender import Recommender
 from models.core.retrieval import (
@@ -24,7 +25,7 @@ from models.core.retrieval import (
     mean_diagonal,
     top_neighbours,
 )
-from models.core.tables import ServingTables, build_tables
+from models.core.tables import ServingTables, build_tables, popularity
 from training.datasets import Dataset
 from training.retrieval import RetrievalSearch, choose_retrieval, mix_grid
 from training.split import SplitConfig, window
@@ -242,3 +243,18 @@ def test_choice_on_validation_is_the_best_measured(synthetic_dataset: Dataset) -
             assert rows[i + 1]["ease_recall"] > max([x["ease_recall"] for x in rows[i + 2 :]], default=-1)
     # Everything else is kept.
     assert chosen.params.cooc_neighbors == params.cooc_neighbors and chosen.params.recent_items == params.recent_items
+
+
+@pytest.mark.parametrize(("trend", "expected_first"), [(0.0, 0), (1.0, 1)])
+def test_popularity_order_follows_pop_trend(trend: float, expected_first: int) -> None:
+    """Item 0 is the most popular of all time, item 1 the most popular lately."""
+    frame = pd.DataFrame(
+        {"user_id": [f"u{u}" for u in range(12)], "item_id": ["0"] * 8 + ["1"] * 4,
+         "ts": [0, 1, 2, 3, 4, 5, 6, 7, 97, 98, 99, 100], "rating": np.nan}
+    )  # fmt: skip
+    log = build_log(frame, np.array(["0", "1", "2"]))
+    count, recent, order, rank = popularity(log, 3, CandidateParams(pop_trend=trend, recent_quantile=0.6))
+    assert count.tolist() == [8, 4, 0] and recent[1] == 4 and recent[0] < 4
+    assert order[0] == expected_first and rank[order].tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="pop_trend must be in"):
+        CandidateParams(pop_trend=1.5)
