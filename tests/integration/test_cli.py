@@ -21,14 +21,16 @@ from models.serving.settings import RecsysSettings
 from models.serving.variants import REQUEST_LOG
 from tests.helpers import PROJECT_ROOT
 from training import drift_report, replay
-from training.__main__ import COMMANDS, build_parser, generate_parser, main
+from training.__main__ import COMMANDS, build_parser, generate_parser, main, train_config
 from training.datasets import synthetic
 from training.lifecycle import cmd_compare, cmd_show, models_parser
-from training.pipeline import RankerParams, TrainConfig, TrainResult, train
+from training.pipeline import TrainConfig, TrainResult, train
+from training.ranker import RankerParams
 from training.replay import NOT_COMPARABLE, LoggedRequest, not_comparable_line
 from training.replay import replay as replay_requests
 
-SMALL = ["--n-users", "300", "--n-items", "200", "--n-interactions", "12000"]
+# The tuning has tests of its own (tests/integration/test_tuning.py); these runs fit the base only.
+SMALL = ["--n-users", "300", "--n-items", "200", "--n-interactions", "12000", "--tune-budget", "0"]
 
 
 def run_cli(args: list[str], home: Path) -> subprocess.CompletedProcess[str]:
@@ -124,6 +126,23 @@ def test_unknown_command_names_the_valid_ones(bentoml_home: Path, word: str, hin
     valid = "models, retrain, replay, drift-report, generate"
     assert out.stderr.splitlines()[-1] == f"python -m training: error: unknown command '{word}'; valid: {valid}{hint}"
     assert "unrecognized arguments" not in out.stderr
+
+
+@pytest.mark.parametrize("retrain", [False, True], ids=["train", "retrain"])
+@pytest.mark.parametrize(("argv", "budget"), [([], TrainConfig().tune_budget_s), (["--tune-budget", "0"], 0.0),
+                                              (["--tune-budget", "12.5"], 12.5)])  # fmt: skip
+def test_the_tune_budget_reaches_the_config(retrain: bool, argv: list[str], budget: float) -> None:
+    config = train_config(build_parser(retrain).parse_args([*argv, "--max-depth", "3"]))
+    assert config.tune_budget_s == budget
+    assert config.ranker.max_depth == 3  # the base of the search
+
+
+@pytest.mark.parametrize("bad", ["-1", "nan", "inf", "soon"])
+def test_a_bad_tune_budget_exits_2_naming_it(bad: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["--tune-budget", bad])
+    assert info.value.code == 2
+    assert f"argument --tune-budget: '{bad}' is not a number of seconds >= 0" in capsys.readouterr().err
 
 
 def _parsers() -> dict[str, argparse.ArgumentParser]:

@@ -25,7 +25,8 @@ from tests.helpers import PROJECT_ROOT, dead_pid, small_synthetic
 from training.__main__ import main
 from training.pipeline import TrainConfig, TrainResult, train
 
-SMALL = ["--n-users", "300", "--n-items", "200", "--n-interactions", "12000"]
+# The tuning has tests of its own (tests/integration/test_tuning.py); these runs fit the base only.
+SMALL = ["--n-users", "300", "--n-items", "200", "--n-interactions", "12000", "--tune-budget", "0"]
 
 
 @pytest.fixture(scope="module")

@@ -41,6 +41,8 @@ def test_version_has_lineage_metadata_and_labels(trained: TrainResult) -> None:
     assert set(meta["versions"]) == {"xgboost", "bentoml", "python"}
     assert meta["code_version"]
     assert meta["params"]["ranker"]["objective"] == "rank:ndcg"
+    # The session's model fits the base only (fast_config): one trial, the one it uses.
+    assert meta["tuning"]["trials"][meta["tuning"]["chosen_trial"]]["params"] == meta["params"]["ranker"]
     assert model.info.labels["dataset"] == "synthetic"
     assert model.info.labels["schema"] == SCHEMA_HASH
 
