@@ -178,7 +178,7 @@ def compared() -> tuple[str, str]:
     for seed, depth in ((3, 4), (4, 3)):
         ranker = dataclasses.replace(RankerParams(), max_depth=depth, n_estimators=40)
         data = synthetic(n_users=300, n_items=200, n_interactions=12_000, seed=seed)
-        tags.append(train(data, TrainConfig(ranker=ranker), model_name="recsys-cli-cmp").tag)
+        tags.append(train(data, TrainConfig(ranker=ranker, tune_budget_s=0), model_name="recsys-cli-cmp").tag)
     assert all(tags)
     return str(tags[0]), str(tags[1])
 

@@ -32,7 +32,7 @@ SMALL = ["--n-users", "300", "--n-items", "200", "--n-interactions", "12000", "-
 @pytest.fixture(scope="module")
 def two_versions() -> tuple[str, str]:
     """Two versions of one name, trained on different data."""
-    tags = [train(small_synthetic(seed), TrainConfig(), model_name="lc-int").tag for seed in (3, 4)]
+    tags = [train(small_synthetic(seed), TrainConfig(tune_budget_s=0), model_name="lc-int").tag for seed in (3, 4)]
     assert all(tags)
     return str(tags[0]), str(tags[1])
 
