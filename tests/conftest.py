@@ -43,7 +43,8 @@ def synthetic_dataset() -> Dataset:
 
 @pytest.fixture(scope="session")
 def fast_config() -> TrainConfig:
-    return TrainConfig()
+    """The base ranker parameters only: the tuning has tests of its own (test_tuning.py)."""
+    return TrainConfig(tune_budget_s=0)
 
 
 @pytest.fixture(scope="session")

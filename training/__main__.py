@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import json
 import logging
+import math
 import sys
 import textwrap
 from collections.abc import Callable
@@ -27,7 +28,8 @@ from models.serving.settings import RecsysSettings
 from training.dask_engine import DaskEngine
 from training.datasets import DataError, Dataset, interactions, movielens, synthetic, write_synthetic
 from training.lifecycle import Decision, decide, models_main
-from training.pipeline import RankerParams, TrainConfig, TrainResult, metrics_table, train
+from training.pipeline import TrainConfig, TrainResult, metrics_table, train
+from training.ranker import RankerParams
 from training.split import SPLIT_KINDS, SplitConfig
 
 DATASETS = ("synthetic", "movielens", "interactions")
@@ -95,9 +97,13 @@ def build_parser(retrain: bool = False) -> argparse.ArgumentParser:
                      help="Dask scheduler address (tcp://host:8786); default: a LocalCluster here")  # fmt: skip
     eng.add_argument("--dask-workers", type=int, default=2, help="LocalCluster workers (default 2)")
 
-    mdl = p.add_argument_group("model")
-    defaults = RankerParams()
-    mdl.add_argument("--windows", type=int, default=TrainConfig().n_windows, help="label windows")
+    mdl = p.add_argument_group("model", "--n-estimators, --max-depth, --learning-rate and --objective set the base\n"
+                               "parameters, the first trial of the tuning.")  # fmt: skip
+    defaults, config = RankerParams(), TrainConfig()
+    mdl.add_argument("--windows", type=int, default=config.n_windows, help="label windows")
+    mdl.add_argument("--tune-budget", type=_seconds, default=config.tune_budget_s, metavar="SECONDS",
+                     help="seconds of ranker hyperparameter search on the validation groups, at most "
+                     f"{config.tune_max_trials} trials (0: the base parameters only; default {config.tune_budget_s:g})")  # fmt: skip
     mdl.add_argument("--split", choices=SPLIT_KINDS, default=SplitConfig().kind,
                      help="temporal: a global cutoff in time (honest); per_user: each user's last items")  # fmt: skip
     mdl.add_argument("--n-estimators", type=int, default=defaults.n_estimators)
@@ -118,6 +124,33 @@ def build_parser(retrain: bool = False) -> argparse.ArgumentParser:
                            help="make the new version the champion (the first version always becomes it if it "
                            "beats the co-occurrence baseline)")  # fmt: skip
     return p
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
+    return value
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The training configuration the options ask for."""
+    return TrainConfig(
+        split=SplitConfig(kind=args.split),
+        n_windows=args.windows,
+        ranker=dataclasses.replace(
+            RankerParams(),
+            n_estimators=args.n_estimators,
+            max_depth=args.max_depth,
+            learning_rate=args.learning_rate,
+            objective=args.objective,
+        ),
+        tune_budget_s=args.tune_budget,
+        shuffle_labels=args.shuffle_labels,
+    )
 
 
 def load_dataset(args: argparse.Namespace) -> Dataset:
@@ -239,18 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     retrain = bool(argv) and argv[0] == "retrain"
     args = build_parser(retrain).parse_args(argv[1:] if retrain else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    config = TrainConfig(
-        split=SplitConfig(kind=args.split),
-        n_windows=args.windows,
-        ranker=dataclasses.replace(
-            RankerParams(),
-            n_estimators=args.n_estimators,
-            max_depth=args.max_depth,
-            learning_rate=args.learning_rate,
-            objective=args.objective,
-        ),
-        shuffle_labels=args.shuffle_labels,
-    )
+    config = train_config(args)
     settings = RecsysSettings()
     model_name = args.model_name or settings.model_name
     margin = settings.promotion_margin if not retrain or args.margin is None else args.margin

@@ -5,6 +5,9 @@ task per block, the window's tables broadcast once), kept there as dask arrays w
 hold whole query groups, and the ranker is fitted with `xgboost.dask.DaskXGBRanker` over the
 workers. Only the fitted booster
 comes back. Without an address a LocalCluster is started (and stopped) on this machine.
+
+It fits the base ranker parameters (`TrainConfig.ranker`) once: the hyperparameter search of
+training/tuning.py runs in-process only, and a Dask run ignores `TrainConfig.tune_budget_s`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""The training pipeline: split, build labelled candidate groups per time window, fit the
-XGBoost ranker, evaluate it against the popularity and co-occurrence baselines on the test
-slice, and save a new version (booster, serving tables, report, lineage) to the store.
+"""The training pipeline: split, choose retrieval on validation, build labelled candidate
+groups per time window, tune and fit the XGBoost ranker (training/tuning.py), evaluate it
+against the popularity and co-occurrence baselines on the test slice, and save a new version
+(booster, serving tables, report, lineage) to the store.
 """
 
 from __future__ import annotations
@@ -33,10 +34,12 @@ from models.core.tables import ServingTables, build_tables
 from models.lifecycle.store import DEFAULT_MODEL_NAME, open_version, save_version
 from training.datasets import DataError, Dataset
 from training.engine import Engine
-from training.groups import Groups, best_rounds, collect_groups, label_items
+from training.groups import Groups, collect_groups, label_items
+from training.ranker import RankerParams, ranker_kwargs
 from training.report import write_report
 from training.retrieval import choose_retrieval
 from training.split import SplitConfig, Window, window
+from training.tuning import DEFAULT_SIGNIFICANCE, DEFAULT_TUNE_BUDGET_S, DEFAULT_TUNE_MAX_TRIALS, tune_ranker
 
 log = logging.getLogger("training")
 
@@ -46,33 +49,21 @@ BASELINE_COOC_KEY = "baseline_cooccurrence"
 
 
 @dataclass(frozen=True)
-class RankerParams:
-    """XGBRanker parameters. Shallow, regularised trees: with a few hundred labelled users
-    the ranker overfits otherwise."""
-
-    objective: str = "rank:ndcg"
-    n_estimators: int = 400
-    learning_rate: float = 0.05
-    max_depth: int = 4
-    min_child_weight: float = 20.0
-    subsample: float = 0.8
-    colsample_bytree: float = 0.8
-    reg_lambda: float = 10.0
-    lambdarank_pair_method: str = "topk"
-    lambdarank_num_pair_per_sample: int = 8
-    early_stopping_rounds: int = 50
-
-
-@dataclass(frozen=True)
 class TrainConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     candidates: CandidateParams = field(default_factory=CandidateParams)
-    ranker: RankerParams = field(default_factory=RankerParams)
+    ranker: RankerParams = field(default_factory=RankerParams)  # the base of the search, its first trial
     n_windows: int = 3  # label windows before the test slice
     eval_user_frac: float = 0.2  # users whose groups drive early stopping
     k: int = 10
     seed: int = 42
     nthread: int = 0  # 0: all cores
+    # Seconds of ranker hyperparameter search on the validation groups (training/tuning.py);
+    # 0: the base parameters only. The search stops at this budget or after tune_max_trials;
+    # its top trial replaces the base if its gain passes a test at tune_significance.
+    tune_budget_s: float = DEFAULT_TUNE_BUDGET_S
+    tune_max_trials: int = DEFAULT_TUNE_MAX_TRIALS
+    tune_significance: float = DEFAULT_SIGNIFICANCE
     # A sanity check of the promotion gate: labels permuted within each group, so the
     # ranker learns nothing real (never set it for a model you mean to serve).
     shuffle_labels: bool = False
@@ -108,35 +99,6 @@ class StageLog:
         yield
         self.timings[name] = round(time.perf_counter() - start, 3)
         log.info("✔ %s (%.2f s)", name, self.timings[name])
-
-
-def ranker_kwargs(config: TrainConfig) -> dict[str, Any]:
-    """XGBRanker parameters, shared by the in-process and the Dask engine."""
-    p = config.ranker
-    return {
-        "objective": p.objective,
-        "n_estimators": p.n_estimators,
-        "learning_rate": p.learning_rate,
-        "max_depth": p.max_depth,
-        "min_child_weight": p.min_child_weight,
-        "subsample": p.subsample,
-        "colsample_bytree": p.colsample_bytree,
-        "reg_lambda": p.reg_lambda,
-        "lambdarank_pair_method": p.lambdarank_pair_method,
-        "lambdarank_num_pair_per_sample": p.lambdarank_num_pair_per_sample,
-        "early_stopping_rounds": p.early_stopping_rounds,
-        "eval_metric": f"ndcg@{config.k}",
-        "tree_method": "hist",
-        "random_state": config.seed,
-    }
-
-
-def fit_ranker(train: Groups, valid: Groups, config: TrainConfig) -> tuple[xgb.Booster, list[float], int]:
-    x, y, qid = train.arrays()
-    xv, yv, qv = valid.arrays()
-    ranker = xgb.XGBRanker(**ranker_kwargs(config), n_jobs=config.nthread or None)
-    ranker.fit(x, y, qid=qid, eval_set=[(xv, yv)], eval_qid=[qv], verbose=False)
-    return best_rounds(ranker, config.k)
 
 
 RANKED_DEPTH = 50  # how much of each test user's ranked list an evaluation keeps
@@ -289,12 +251,18 @@ def train(
             "interactions per user or more users"
         )
 
-    with stages("fit ranker" if engine is None else "labelled candidates and fit ranker on Dask"):
+    tuning: dict[str, Any] | None = None
+    with stages("tune and fit ranker" if engine is None else "labelled candidates and fit ranker on Dask"):
         if engine is None:
-            booster, curve, best_round = fit_ranker(train_groups, valid_groups, config)
+            tuned = tune_ranker(train_groups, valid_groups, config.ranker, config.k, config.tune_budget_s,
+                                config.seed, config.nthread, config.tune_max_trials, config.tune_significance)  # fmt: skip
+            booster, curve, best_round, ranker = tuned.booster, tuned.curve, tuned.best_round, tuned.params
+            tuning = tuned.summary()
             n_train, n_valid = len(train_groups), len(valid_groups)
-        else:
-            booster, curve, best_round, n_train, n_valid = engine.fit(ranker_kwargs(config), config.k)
+        else:  # the Dask engine fits the base parameters, untuned
+            ranker = config.ranker
+            booster, curve, best_round, n_train, n_valid = engine.fit(
+                ranker_kwargs(ranker, config.k, config.seed), config.k)  # fmt: skip
 
     with stages("evaluate on the test slice"):
         test = window(log_, 0, config.split)
@@ -343,7 +311,7 @@ def train(
         },
         "params": {
             "candidates": config.candidates.to_dict(),
-            "ranker": asdict(config.ranker),
+            "ranker": asdict(ranker),  # as chosen by tuning; its base is metadata["tuning"]["trials"][0]
             "split": asdict(config.split),
             "n_windows": config.n_windows,
             "eval_user_frac": config.eval_user_frac,
@@ -367,7 +335,9 @@ def train(
         "created_at": dt.datetime.now(dt.UTC).isoformat(),
         "timings_s": stages.timings,
     }
-    if compare_with is not None:  # BentoML metadata takes no None values
+    if tuning is not None:  # BentoML metadata takes no None values
+        metadata["tuning"] = tuning
+    if compare_with is not None:
         metadata["compared_with"] = {"tag": compare_with, "metrics": champion_metrics}
     def write_extras(folder: Path) -> None:
         write_report(folder, curve, best_round, importance, config.k)

@@ -150,7 +150,7 @@ def degraded_server(bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory
                     ) -> Iterator[tuple[ServerProcess, Path]]:  # fmt: skip
     """Champion and challenger in shadow mode; the monitor folder sits under a regular file
     (not creatable, even by root), so every monitor record is counted as dropped."""
-    tags = [str(train(small_synthetic(seed), TrainConfig(), model_name=NAME).tag) for seed in (3, 4)]
+    tags = [str(train(small_synthetic(seed), TrainConfig(tune_budget_s=0), model_name=NAME).tag) for seed in (3, 4)]
     registry.promote(tags[0])
     registry.promote(tags[1], "challenger")
     tmp = tmp_path_factory.mktemp("dashboard")

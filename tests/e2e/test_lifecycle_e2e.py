@@ -32,7 +32,7 @@ USERS = [f"u{i}" for i in range(550)]
 
 @pytest.fixture(scope="module")
 def stages() -> dict[str, str]:
-    tags = [str(train(small_synthetic(seed), TrainConfig(), model_name=NAME).tag) for seed in (3, 4)]
+    tags = [str(train(small_synthetic(seed), TrainConfig(tune_budget_s=0), model_name=NAME).tag) for seed in (3, 4)]
     registry.promote(tags[0])
     registry.promote(tags[1], "challenger")
     return {"champion": tags[0], "challenger": tags[1]}

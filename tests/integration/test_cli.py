@@ -21,14 +21,16 @@ from models.serving.settings import RecsysSettings
 from models.serving.variants import REQUEST_LOG
 from tests.helpers import PROJECT_ROOT
 from training import drift_report, replay
-from training.__main__ import COMMANDS, build_parser, generate_parser, main
+from training.__main__ import COMMANDS, build_parser, generate_parser, main, train_config
 from training.datasets import synthetic
 from training.lifecycle import cmd_compare, cmd_show, models_parser
-from training.pipeline import RankerParams, TrainConfig, TrainResult, train
+from training.pipeline import TrainConfig, TrainResult, train
+from training.ranker import RankerParams
 from training.replay import NOT_COMPARABLE, LoggedRequest, not_comparable_line
 from training.replay import replay as replay_requests
 
-SMALL = ["--n-users", "600", "--n-items", "400", "--n-interactions", "30000"]
+# The tuning has tests of its own (tests/integration/test_tuning.py); these runs fit the base only.
+SMALL = ["--n-users", "600", "--n-items", "400", "--n-interactions", "30000", "--tune-budget", "0"]
 
 
 def run_cli(args: list[str], home: Path) -> subprocess.CompletedProcess[str]:
@@ -126,6 +128,23 @@ def test_unknown_command_names_the_valid_ones(bentoml_home: Path, word: str, hin
     assert "unrecognized arguments" not in out.stderr
 
 
+@pytest.mark.parametrize("retrain", [False, True], ids=["train", "retrain"])
+@pytest.mark.parametrize(("argv", "budget"), [([], TrainConfig().tune_budget_s), (["--tune-budget", "0"], 0.0),
+                                              (["--tune-budget", "12.5"], 12.5)])  # fmt: skip
+def test_the_tune_budget_reaches_the_config(retrain: bool, argv: list[str], budget: float) -> None:
+    config = train_config(build_parser(retrain).parse_args([*argv, "--max-depth", "3"]))
+    assert config.tune_budget_s == budget
+    assert config.ranker.max_depth == 3  # the base of the search
+
+
+@pytest.mark.parametrize("bad", ["-1", "nan", "inf", "soon"])
+def test_a_bad_tune_budget_exits_2_naming_it(bad: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["--tune-budget", bad])
+    assert info.value.code == 2
+    assert f"argument --tune-budget: '{bad}' is not a number of seconds >= 0" in capsys.readouterr().err
+
+
 def _parsers() -> dict[str, argparse.ArgumentParser]:
     settings = RecsysSettings()
     found = {"": build_parser(), "retrain": build_parser(retrain=True), "models": models_parser(),
@@ -159,7 +178,7 @@ def compared() -> tuple[str, str]:
     for seed, depth in ((3, 4), (4, 3)):
         ranker = dataclasses.replace(RankerParams(), max_depth=depth, n_estimators=40)
         data = synthetic(n_users=300, n_items=200, n_interactions=12_000, seed=seed)
-        tags.append(train(data, TrainConfig(ranker=ranker), model_name="recsys-cli-cmp").tag)
+        tags.append(train(data, TrainConfig(ranker=ranker, tune_budget_s=0), model_name="recsys-cli-cmp").tag)
     assert all(tags)
     return str(tags[0]), str(tags[1])
 

@@ -25,13 +25,14 @@ from tests.helpers import PROJECT_ROOT, dead_pid, small_synthetic
 from training.__main__ import main
 from training.pipeline import TrainConfig, TrainResult, train
 
-SMALL = ["--n-users", "600", "--n-items", "400", "--n-interactions", "30000"]
+# The tuning has tests of its own (tests/integration/test_tuning.py); these runs fit the base only.
+SMALL = ["--n-users", "600", "--n-items", "400", "--n-interactions", "30000", "--tune-budget", "0"]
 
 
 @pytest.fixture(scope="module")
 def two_versions() -> tuple[str, str]:
     """Two versions of one name, trained on different data."""
-    tags = [train(small_synthetic(seed), TrainConfig(), model_name="lc-int").tag for seed in (3, 4)]
+    tags = [train(small_synthetic(seed), TrainConfig(tune_budget_s=0), model_name="lc-int").tag for seed in (3, 4)]
     assert all(tags)
     return str(tags[0]), str(tags[1])
 

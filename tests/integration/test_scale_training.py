@@ -46,17 +46,17 @@ def test_a_written_partitioned_data_set_trains(tmp_path: Path) -> None:
     assert len(list(folder.glob("part-*.parquet"))) == 3
     dataset = interactions(folder, user_col="user_id", item_col="item_id", time_col="ts",
                            rating_col="rating", items_path=items)  # fmt: skip
-    result = train(dataset, TrainConfig(), save=False)
+    result = train(dataset, TrainConfig(tune_budget_s=0), save=False)
     assert result.metrics["model"]["ndcg"] > result.metrics["baseline_cooccurrence"]["ndcg"]
 
 
 @pytest.mark.slow
 def test_dask_engine_meets_the_single_process_bar() -> None:
     dataset = small_synthetic()
-    local = train(dataset, TrainConfig(), save=False)
+    local = train(dataset, TrainConfig(tune_budget_s=0), save=False)  # the base, as the Dask engine fits
     with DaskEngine(n_workers=2, users_per_task=150) as engine:
         assert len(engine.client.scheduler_info()["workers"]) == 2
-        distributed = train(dataset, TrainConfig(), save=False, engine=engine)
+        distributed = train(dataset, TrainConfig(tune_budget_s=0), save=False, engine=engine)
     m_local, m_dask = local.metrics, distributed.metrics
     assert m_dask["model"]["ndcg"] > m_dask["baseline_cooccurrence"]["ndcg"]  # the same quality bar
     assert m_dask["model"]["ndcg"] == pytest.approx(m_local["model"]["ndcg"], abs=0.02)

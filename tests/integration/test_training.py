@@ -47,6 +47,8 @@ def test_version_has_lineage_metadata_and_labels(trained: TrainResult) -> None:
         k: chosen[k] for k in ("ease_l2", "n_cooc", "n_ease", "n_pop")
     }
     assert chosen["ease_l2"] in [row["ease_l2"] for row in meta["retrieval_selection"]["lambda"]]
+    # The session's model fits the base only (fast_config): one trial, the one it uses.
+    assert meta["tuning"]["trials"][meta["tuning"]["chosen_trial"]]["params"] == meta["params"]["ranker"]
     assert model.info.labels["dataset"] == "synthetic"
     assert model.info.labels["schema"] == SCHEMA_HASH
 
