@@ -47,8 +47,11 @@ log = logging.getLogger(__name__)
 
 # Keys visited per SCAN call by `expire` (Redis' hint; a call takes well under a millisecond).
 SCAN_COUNT = 1000
-# Replies that mean "not now" (the server is full, a replica, or cannot persist), not a bug.
-_UNAVAILABLE_REPLIES = ("OOM", "READONLY", "MISCONF", "LOADING", "BUSY", "MASTERDOWN", "NOREPLICAS")
+# Replies that mean "not now" (the server is full, a replica, cannot persist, busy in a
+# script), not a bug: those redis-py maps to classes, and those it leaves as text.
+_UNAVAILABLE_ERRORS = (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError,
+                       redis.exceptions.MasterDownError, redis.exceptions.TryAgainError)  # fmt: skip
+_UNAVAILABLE_REPLIES = ("OOM", "MISCONF", "BUSY", "NOREPLICAS")
 
 # "#!lua" (no flags): Redis treats the script as one that writes, so when the server is out
 # of memory it refuses the script before its first command, not halfway through a batch.
@@ -151,7 +154,7 @@ class RedisState(OnlineState):
         except (redis.ConnectionError, redis.TimeoutError) as err:  # BusyLoadingError is a ConnectionError
             raise BackendUnavailable(self.backend, f"{self.url}: {type(err).__name__}: {err}", self.retry_after_s) from err
         except redis.ResponseError as err:
-            if str(err).startswith(_UNAVAILABLE_REPLIES):
+            if isinstance(err, _UNAVAILABLE_ERRORS) or str(err).startswith(_UNAVAILABLE_REPLIES):
                 raise BackendUnavailable(self.backend, f"{self.url}: {err}", self.retry_after_s) from err
             raise
 
@@ -248,7 +251,7 @@ class RedisState(OnlineState):
                 ms, seq = _stream_id(str(exported))
                 # Stream ids are arrival times in ms: keep what is not exported or not old enough.
                 min_id = min((ms, seq + 1), (max(0, int(cutoff * 1000)), 0))
-                trimmed[kind] = int(self._client.xtrim(f"{self.prefix}{kind}", minid=f"{min_id[0]}-{min_id[1]}"))
+                trimmed[kind] = int(self._client.xtrim(f"{self.prefix}{kind}", minid=f"{min_id[0]}-{min_id[1]}", approximate=False))
         return ExpireResult(removed, trimmed["events"], trimmed["impressions"])
 
     def _scan_batches(self, match: str) -> Iterator[list[str]]:

@@ -150,7 +150,9 @@ class SqliteState(OnlineState):
                 try:
                     yield conn
                 except BaseException:
-                    conn.execute("ROLLBACK")
+                    # Some errors (SQLITE_FULL, an I/O error) roll the transaction back already.
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
                     raise
                 conn.execute("COMMIT")
         finally:
