@@ -5,9 +5,12 @@ the journal, retention, crashes, a full backend, and one that is gone and comes 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -292,3 +295,29 @@ def test_a_new_store_has_a_journal_of_its_own(tmp_path: Path) -> None:
     finally:
         for s in (first, again, other):
             s.close()
+
+
+def test_sqlite_a_writer_of_another_process_holding_the_lock_past_the_timeout(tmp_path: Path) -> None:
+    """The machine-wide writer lock (a file lock): a writer that gives up on it answers
+    BackendUnavailable; its waiter lets the lock go once it gets it, so the next write works."""
+    path = tmp_path / "state.sqlite3"
+    state = SqliteState(path, 10, 100.0, 0.3)
+    hold = ("import fcntl, os, sys, time\nfd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(float(sys.argv[2]))\n")  # fmt: skip
+    holder = subprocess.Popen([sys.executable, "-c", hold, f"{path}.writelock", "1.0"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(BackendUnavailable, match="held by another process"):
+            state.write_events([ev("blocked")])
+        holder.wait(timeout=10)
+        assert state.write_events([ev("blocked"), ev("later")]).new == (True, True)
+        # Nothing of ours holds the file lock between writes.
+        probe = os.open(f"{path}.writelock", os.O_RDWR)
+        fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.close(probe)
+    finally:
+        holder.kill()
+        holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
+        state.close()

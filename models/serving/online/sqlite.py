@@ -17,7 +17,9 @@ write is `BackendUnavailable`.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -69,6 +71,45 @@ CREATE TABLE IF NOT EXISTS impressions (
 """
 
 
+def _lock_file(path: Path, timeout: float) -> int | None:
+    """An exclusive flock on `path` within `timeout` s: the descriptor holding it (close it to
+    release), or None. Writers of other processes queue here rather than in SQLite's busy
+    handler, which sleeps 1, 2, 5, ... up to 100 ms between tries: with two API workers the
+    one that just committed got the lock again and again, and the other's requests waited
+    (p99 99 ms against 29 ms for one worker, 1-event batches at 64 clients). A blocked flock is
+    woken by the kernel the moment the holder lets go. It has no timeout, so the wait runs in
+    a thread of its own; one that is given up on releases the lock as soon as it gets it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
+    except BlockingIOError:
+        os.close(fd)
+    got, handover = threading.Event(), threading.Lock()
+    holder: list[int] = []
+    abandoned = False
+
+    def wait() -> None:
+        # A descriptor of its own: a lock belongs to its open file, so an abandoned waiter
+        # can never release a lock that a later one holds.
+        mine = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(mine, fcntl.LOCK_EX)
+        with handover:
+            if abandoned:
+                os.close(mine)
+                return
+            holder.append(mine)
+            got.set()
+
+    threading.Thread(target=wait, name="sqlite-write-lock", daemon=True).start()
+    got.wait(timeout)
+    with handover:
+        if holder:
+            return holder[0]
+        abandoned = True
+    return None
+
+
 def _cursor(seq: int) -> Cursor:
     # Zero-padded: cursors compare as strings in the order of the journal.
     return f"{seq:020d}"
@@ -96,6 +137,7 @@ class SqliteState(OnlineState):
         self._connections: list[sqlite3.Connection] = []
         self._registry_lock = threading.Lock()
         self._write_lock = threading.Lock()
+        self._lock_path = self.path.with_name(self.path.name + ".writelock")
         self._closed = False
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -142,12 +184,19 @@ class SqliteState(OnlineState):
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction: the process's write lock, then SQLite's (both within the
-        timeout), committed durably on success, rolled back on any error."""
+        """One write transaction: the process's write lock, the machine's (a file lock), then
+        SQLite's (each within the timeout), committed durably on success, rolled back on any
+        error."""
+        deadline = time.monotonic() + self.timeout_s
         if not self._write_lock.acquire(timeout=self.timeout_s):
             raise BackendUnavailable(self.backend, f"{self.path}: write lock busy for {self.timeout_s:g} s",
                                      self.retry_after_s)  # fmt: skip
+        held: int | None = None
         try:
+            held = _lock_file(self._lock_path, max(0.0, deadline - time.monotonic()))
+            if held is None:
+                raise BackendUnavailable(self.backend, f"{self._lock_path}: held by another process for "
+                                         f"{self.timeout_s:g} s", self.retry_after_s)  # fmt: skip
             with self._unavailable_as_error():
                 conn = self._conn()
                 conn.execute("BEGIN IMMEDIATE")
@@ -160,6 +209,8 @@ class SqliteState(OnlineState):
                         conn.execute("ROLLBACK")
                     raise
         finally:
+            if held is not None:
+                os.close(held)  # closing the descriptor releases its lock
             self._write_lock.release()
 
     # -- events ------------------------------------------------------------------------------
