@@ -8,10 +8,11 @@ before COMMIT returns, only the fsync is deferred to the checkpoint; a power los
 roll back the last commits). An fsync here costs ~4 ms, so concurrent requests are joined
 into one commit by `GroupCommitWriter` (writer.py), not committed one by one.
 
-Concurrency: WAL lets readers go on while one writer commits. Writers are serialized by a
-lock per process (so that threads of one worker queue on a lock, not in SQLite's sleeping
-busy handler) and between processes by SQLite's own lock with a busy timeout; past it the
-write is `BackendUnavailable`.
+Concurrency: WAL lets readers go on while one writer commits. Writers queue on a lock per
+process, then on a file lock beside the database (`<file>.writelock`) shared by the
+processes of the machine, then take SQLite's own lock (with a busy timeout, for writers that
+are not ours): all three within `timeout_s`, past which the write is `BackendUnavailable`.
+Open one state per process, after any fork.
 """
 
 from __future__ import annotations
