@@ -40,7 +40,7 @@ import psutil
 
 from bench.servers import RedisServer, start_redis
 from models.serving.events import Event
-from models.serving.online.base import OnlineState
+from models.serving.online.base import OnlineLimits, OnlineState
 from models.serving.online.writer import GroupCommitWriter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,13 +55,16 @@ TYPES = ("view", "click", "add_to_cart", "purchase")
 
 
 def open_state(spec: dict[str, Any]) -> OnlineState:
+    # The settings' defaults, with a timeout long enough that a saturated store queues
+    # rather than refuses (what is measured is its throughput).
+    limits = OnlineLimits(max_items=200, retention_s=30 * 86400.0, journal_s=86400.0, timeout_s=10.0)
     if spec["backend"] == "sqlite":
         from models.serving.online.sqlite import SqliteState
 
-        return SqliteState(Path(spec["path"]), 200, 30 * 86400.0, 10.0, spec["synchronous"])
+        return SqliteState(Path(spec["path"]), limits, spec["synchronous"])
     from models.serving.online.redis import RedisState
 
-    return RedisState(spec["url"], 200, 30 * 86400.0, 10.0)
+    return RedisState(spec["url"], limits)
 
 
 def make_batch(rng: np.random.Generator, tag: str, n: int, size: int) -> list[Event]:

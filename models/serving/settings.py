@@ -204,9 +204,15 @@ class RecsysSettings(BaseSettings):
         "newest); older ones are dropped as new ones arrive."
     )
     online_retention_s: float = Field(
-        30 * 86400.0, gt=0, description="Per-user state older than this (by event time) is "
-        "expired; event ids are remembered this long for de-duplication, and the journal keeps "
-        "exported events this long."
+        30 * 86400.0, gt=0, description="Per-user recent items older than this (by event time) "
+        "are expired, and a user idle this long is forgotten (Redis: the key's TTL)."
+    )
+    # A day: clients retry within seconds, a front end that buffers offline within hours.
+    # Each id costs ~100 bytes in Redis: at 100 events/s a day of them is ~1 GB.
+    online_journal_s: float = Field(
+        86400.0, gt=0, description="How long event ids (a retried event_id within this time is "
+        "a duplicate), impressions (found by recommendation_id) and exported journal entries "
+        "are kept. The event log's reader drops an id repeated later than that."
     )
     online_timeout_s: float = Field(
         2.0, gt=0, description="Longest wait for the online state (SQLite's lock, a Redis "

@@ -17,24 +17,26 @@ from typing import Any
 
 import pytest
 
-from models.serving.online.base import OnlineState
+from models.serving.online.base import OnlineLimits, OnlineState
 from models.serving.online.redis import RedisState
 from models.serving.online.sqlite import SqliteState
 from tests.helpers import PROJECT_ROOT, RedisServer, start_redis
 
 BACKENDS = ["sqlite", "redis"]
-DEFAULTS: dict[str, Any] = {"max_items": 50, "retention_s": 86400.0, "timeout_s": 2.0}
+DEFAULTS: dict[str, Any] = {"max_items": 50, "retention_s": 86400.0, "journal_s": 86400.0, "timeout_s": 2.0}
 
 # A child process opens the same store from a JSON spec (argv[1]) and runs `body` with it.
 CHILD_PRELUDE = """
 import json, sys
 spec = json.loads(sys.argv[1])
+from models.serving.online.base import OnlineLimits
+limits = OnlineLimits(spec["max_items"], spec["retention_s"], spec["journal_s"], spec["timeout_s"])
 if spec["backend"] == "sqlite":
     from models.serving.online.sqlite import SqliteState
-    state = SqliteState(spec["path"], spec["max_items"], spec["retention_s"], spec["timeout_s"])
+    state = SqliteState(spec["path"], limits)
 else:
     from models.serving.online.redis import RedisState
-    state = RedisState(spec["url"], spec["max_items"], spec["retention_s"], spec["timeout_s"])
+    state = RedisState(spec["url"], limits)
 from models.serving.events import Event
 """
 
@@ -46,11 +48,11 @@ class StoreUnderTest:
     redis: RedisServer | None = None
 
     def open(self, **overrides: Any) -> OnlineState:
-        kw = {**DEFAULTS, **overrides}
+        limits = OnlineLimits(**{**DEFAULTS, **overrides})
         if self.backend == "sqlite":
-            return SqliteState(self.tmp / "state.sqlite3", kw["max_items"], kw["retention_s"], kw["timeout_s"])
+            return SqliteState(self.tmp / "state.sqlite3", limits)
         assert self.redis is not None
-        return RedisState(self.redis.url, kw["max_items"], kw["retention_s"], kw["timeout_s"])
+        return RedisState(self.redis.url, limits)
 
     def spec(self) -> str:
         where = {"path": str(self.tmp / "state.sqlite3")} if self.redis is None else {"url": self.redis.url}

@@ -13,12 +13,13 @@ import pytest
 
 from models.serving.event_log import EventLogExporter, read_event_log, read_impressions
 from models.serving.events import Event, Impression
-from models.serving.online.base import OnlineState
+from models.serving.online.base import OnlineLimits, OnlineState
 from models.serving.online.sqlite import SqliteState
 from tests.integration.conftest import StoreUnderTest
 
 DAY = 86400.0
 T0 = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC
+LIMITS = OnlineLimits(max_items=50, retention_s=DAY, journal_s=DAY, timeout_s=1.0)
 
 
 def events(first: int, n: int) -> list[Event]:
@@ -90,7 +91,7 @@ def test_a_crash_between_writing_and_committing_is_redone_not_doubled(state: Onl
 
 
 def test_a_journal_expired_after_export_leaves_the_log_whole(online_store: StoreUnderTest, tmp_path: Path) -> None:
-    state = online_store.open(retention_s=DAY)
+    state = online_store.open(journal_s=DAY)
     try:
         uri = str(tmp_path / "log")
         state.write_events(events(0, 15))
@@ -121,8 +122,8 @@ def test_impressions_are_logged_with_their_items_in_order(state: OnlineState, tm
 
 def test_a_new_store_logs_beside_the_old_one_and_the_reader_keeps_an_id_once(tmp_path: Path) -> None:
     uri = str(tmp_path / "log")
-    old = SqliteState(tmp_path / "old.sqlite3", 50, DAY, 1.0)
-    new = SqliteState(tmp_path / "new.sqlite3", 50, DAY, 1.0)
+    old = SqliteState(tmp_path / "old.sqlite3", LIMITS)
+    new = SqliteState(tmp_path / "new.sqlite3", LIMITS)
     try:
         old.write_events(events(0, 10))
         EventLogExporter(old, uri, batch_size=100).export()

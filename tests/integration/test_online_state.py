@@ -19,10 +19,11 @@ import redis
 
 from models.serving.events import MAX_ID_CHARS, Event, Impression
 from models.serving.online import GroupCommitWriter, make_state
-from models.serving.online.base import START, BackendUnavailable, OnlineState, RecentItem
+from models.serving.online.base import START, BackendUnavailable, OnlineLimits, OnlineState, RecentItem
 from models.serving.online.redis import RedisState
 from models.serving.online.sqlite import SqliteState
 from models.serving.settings import RecsysSettings
+from tests.helpers import free_port
 from tests.integration.conftest import DEFAULTS, StoreUnderTest
 
 
@@ -128,8 +129,8 @@ def test_impressions_round_trip_once(state: OnlineState) -> None:
 
 
 def test_retention_drops_old_user_state_and_only_exported_old_journal_entries(online_store: StoreUnderTest) -> None:
-    retention = 1000.0
-    state = online_store.open(retention_s=retention)
+    retention, journal_s = 1000.0, 100.0
+    state = online_store.open(retention_s=retention, journal_s=journal_s)
     try:
         now = time.time()
         state.write_events([ev("old", item="a", ts=now - 2 * retention), ev("fresh", item="b", ts=now - 10),
@@ -137,14 +138,28 @@ def test_retention_drops_old_user_state_and_only_exported_old_journal_entries(on
         _, after_two = state.export_events(START, 2)
         state.mark_exported("events", after_two)
         dropped = state.expire(now)
+        # Per user, by event time and retention_s: the old entries go, the fresh one stays.
         assert dropped.recent_items == 2
         assert state.recent("u1", 10) == [RecentItem("b", now - 10, "view")] and state.recent("u2", 10) == []
-        # The journal was received just now: nothing is old enough to go yet.
+        # The journal was received just now: nothing is older than journal_s yet.
         assert dropped.events == 0 and len(journal(state)) == 3
-        # Later, received before the cutoff: the exported entries go, the unexported one stays.
-        later = state.expire(now + 2 * retention)
-        assert later.events == 2
+        # Later, received before now - journal_s: the exported entries go, the unexported one
+        # stays; the fresh user entry is still within retention_s.
+        later = state.expire(now + 2 * journal_s)
+        assert later.events == 2 and later.recent_items == 0
         assert [e.event_id for e in journal(state)] == ["other"]
+        assert [r.item_id for r in state.recent("u1", 10)] == ["b"]
+    finally:
+        state.close()
+
+
+def test_redis_down_at_start_is_reported_by_health_not_by_failing_to_open() -> None:
+    state = RedisState(f"redis://127.0.0.1:{free_port()}/0", OnlineLimits(10, 100.0, 100.0, 0.3))
+    try:
+        with pytest.raises(BackendUnavailable, match="redis"):
+            state.health()
+        with pytest.raises(BackendUnavailable):
+            state.write_events([ev("e")])
     finally:
         state.close()
 
@@ -283,10 +298,10 @@ def test_make_state_picks_the_backend_by_setting(online_store: StoreUnderTest) -
 
 
 def test_a_new_store_has_a_journal_of_its_own(tmp_path: Path) -> None:
-    base = tmp_path
-    first = SqliteState(base / "a.sqlite3", 10, 100.0, 1.0)
-    again = SqliteState(base / "a.sqlite3", 10, 100.0, 1.0)
-    other = SqliteState(base / "b.sqlite3", 10, 100.0, 1.0)
+    base, limits = tmp_path, OnlineLimits(10, 100.0, 100.0, 1.0)
+    first = SqliteState(base / "a.sqlite3", limits)
+    again = SqliteState(base / "a.sqlite3", limits)
+    other = SqliteState(base / "b.sqlite3", limits)
     try:
         assert first.journal_id == again.journal_id != other.journal_id
         conn = sqlite3.connect(base / "a.sqlite3")
@@ -301,7 +316,7 @@ def test_sqlite_a_writer_of_another_process_holding_the_lock_past_the_timeout(tm
     """The machine-wide writer lock (a file lock): a writer that gives up on it answers
     BackendUnavailable; its waiter lets the lock go once it gets it, so the next write works."""
     path = tmp_path / "state.sqlite3"
-    state = SqliteState(path, 10, 100.0, 0.3)
+    state = SqliteState(path, OnlineLimits(10, 100.0, 100.0, 0.3))
     hold = ("import fcntl, os, sys, time\nfd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
             "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(float(sys.argv[2]))\n")  # fmt: skip
     holder = subprocess.Popen([sys.executable, "-c", hold, f"{path}.writelock", "1.0"], stdout=subprocess.PIPE, text=True)

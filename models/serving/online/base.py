@@ -6,9 +6,15 @@ The state holds, shared by every API worker and replica:
   entry per (item, type), at its latest time; at most `max_items` per user);
 - a journal of every accepted event and impression in a stable order, read by the event-log
   exporter (models/serving/event_log.py) through an opaque cursor, and dropped only once it
-  is both exported (`mark_exported`) and older than the retention period;
-- the ids seen, so that a repeated `event_id` changes nothing (for the retention period:
-  an id retried later than that counts as new; the event log's reader drops it again).
+  is both exported (`mark_exported`) and older than `journal_s`;
+- the ids seen, so that a repeated `event_id` changes nothing (for `journal_s` at least: an
+  id retried later than that counts as new; the event log's reader drops it again), and the
+  impressions by recommendation_id, for `journal_s`.
+
+Two periods, because they bound different things: `retention_s` the per-user state (what
+the next recommendation uses, by event time), `journal_s` the ids, impressions and exported
+journal (one entry per event and per response: at 100 events/s, a day is 8.6 million ids,
+about 1 GB in Redis).
 
 Every method is synchronous and may block (on disk, on a lock, on the network): never call
 one from an event loop. An async API calls them in a thread (`asyncio.to_thread`, or a
@@ -32,6 +38,17 @@ from models.serving.events import Event, Impression
 Cursor = str
 START: Cursor = ""
 JournalKind = Literal["events", "impressions"]
+
+
+@dataclass(frozen=True)
+class OnlineLimits:
+    """What bounds the state (RecsysSettings: online_max_items, online_retention_s,
+    online_journal_s, online_timeout_s)."""
+
+    max_items: int  # recent items kept per user
+    retention_s: float  # per-user entries older than this (event time) are expired
+    journal_s: float  # ids, impressions and exported journal entries are kept this long
+    timeout_s: float  # longest wait for a lock, a connection or a reply
 
 
 class RecentItem(NamedTuple):
@@ -67,8 +84,8 @@ class WriteResult:
 
 @dataclass(frozen=True)
 class ExpireResult:
-    recent_items: int  # per-user entries dropped (older than the retention, or over the cap)
-    events: int  # journal entries dropped (exported and older than the retention)
+    recent_items: int  # per-user entries dropped (older than retention_s, or over the cap)
+    events: int  # journal entries dropped (exported and received before now - journal_s)
     impressions: int
 
 
@@ -128,8 +145,9 @@ class OnlineState(abc.ABC):
     @abc.abstractmethod
     def expire(self, now: float) -> ExpireResult:
         """Drop per-user entries older than the retention period (event time before
-        `now - retention_s`) or beyond the cap, and journal entries both exported and
-        received before `now - retention_s`."""
+        `now - retention_s`) or beyond the cap, and journal entries (events, impressions)
+        both exported and received before `now - journal_s`. Ids and impressions go with
+        their journal entries (SQLite) or by TTL (Redis)."""
 
     @abc.abstractmethod
     def health(self) -> None:

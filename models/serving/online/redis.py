@@ -1,10 +1,10 @@
 """The online state in Redis, for many replicas: one `redis-server` shared by all of them.
 
-Keys (under a prefix, default `recsys:`): `id:<event_id>` (seen ids, with the retention as
-TTL), `u:<user_id>` (a sorted set of "type:item_id" scored by event time, capped at
-`max_items`, its TTL renewed on each write), `events` and `impressions` (streams: the
+Keys (under a prefix, default `recsys:`): `id:<event_id>` (seen ids, `journal_s` as TTL),
+`u:<user_id>` (a sorted set of "type:item_id" scored by event time, capped at `max_items`,
+`retention_s` as TTL, renewed on each write), `events` and `impressions` (streams: the
 journals, in the order Redis appended them), `imp:<recommendation_id>` (an impression as
-JSON, with the retention as TTL), `exported:<kind>`, `journal_id`.
+JSON, `journal_s` as TTL), `exported:<kind>`, `journal_id`.
 
 A batch is one Lua script: the id check, the journal entry and the user's set change
 together or not at all, and concurrent writers from any replica cannot interleave inside a
@@ -38,6 +38,7 @@ from models.serving.online.base import (
     Cursor,
     ExpireResult,
     JournalKind,
+    OnlineLimits,
     OnlineState,
     RecentItem,
     WriteResult,
@@ -56,11 +57,11 @@ _UNAVAILABLE_REPLIES = ("OOM", "MISCONF", "BUSY", "NOREPLICAS")
 # "#!lua" (no flags): Redis treats the script as one that writes, so when the server is out
 # of memory it refuses the script before its first command, not halfway through a batch.
 _WRITE_EVENTS = """#!lua
-local p, retention, max_items = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local p, id_ttl, user_ttl, max_items = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local out, touched = {}, {}
-for i = 4, #ARGV, 7 do
+for i = 5, #ARGV, 7 do
   local eid, user, item, typ, ts, val, rid = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4], ARGV[i+5], ARGV[i+6]
-  if redis.call('SET', p .. 'id:' .. eid, '1', 'NX', 'EX', retention) then
+  if redis.call('SET', p .. 'id:' .. eid, '1', 'NX', 'EX', id_ttl) then
     redis.call('XADD', p .. 'events', '*', 'e', eid, 'u', user, 'i', item, 't', typ, 'ts', ts, 'v', val, 'r', rid)
     redis.call('ZADD', p .. 'u:' .. user, 'GT', ts, typ .. ':' .. item)
     touched[user] = true
@@ -72,14 +73,14 @@ end
 for user, _ in pairs(touched) do
   local key = p .. 'u:' .. user
   redis.call('ZREMRANGEBYRANK', key, 0, -(max_items + 1))
-  redis.call('EXPIRE', key, retention)
+  redis.call('EXPIRE', key, user_ttl)
 end
 return out
 """
 
 _WRITE_IMPRESSION = """#!lua
-local p, retention = ARGV[1], tonumber(ARGV[2])
-if not redis.call('SET', p .. 'imp:' .. ARGV[3], ARGV[4], 'NX', 'EX', retention) then
+local p, ttl = ARGV[1], tonumber(ARGV[2])
+if not redis.call('SET', p .. 'imp:' .. ARGV[3], ARGV[4], 'NX', 'EX', ttl) then
   return 0
 end
 redis.call('XADD', p .. 'impressions', '*', 'j', ARGV[4])
@@ -112,13 +113,13 @@ def _stream_id(cursor: Cursor) -> tuple[int, int]:
 class RedisState(OnlineState):
     backend = "redis"
 
-    def __init__(self, url: str, max_items: int, retention_s: float, timeout_s: float, prefix: str = "recsys:") -> None:
-        self.url, self.max_items, self.prefix = url, max_items, prefix
+    def __init__(self, url: str, limits: OnlineLimits, prefix: str = "recsys:") -> None:
+        self.url, self.limits, self.prefix = url, limits, prefix
+        self.max_items, self.timeout_s = limits.max_items, limits.timeout_s
         # Key TTLs are whole seconds, and at least one.
-        self.retention_s = retention_s
-        self._ttl = max(1, round(retention_s))
-        self.timeout_s = timeout_s
-        self.retry_after_s = max(1.0, timeout_s)
+        self._id_ttl, self._user_ttl = max(1, round(limits.journal_s)), max(1, round(limits.retention_s))
+        self.retry_after_s = max(1.0, limits.timeout_s)
+        timeout_s = limits.timeout_s
         # One retry: a pooled connection that died with a restarted server is replaced once;
         # the scripts are idempotent (ids), so a retried batch cannot be counted twice.
         self._client = redis.Redis.from_url(
@@ -128,10 +129,18 @@ class RedisState(OnlineState):
         self._write_events = self._client.register_script(_WRITE_EVENTS)
         self._write_impression = self._client.register_script(_WRITE_IMPRESSION)
         self._mark_exported = self._client.register_script(_MARK_EXPORTED)
-        with self._unavailable_as_error():
-            self._client.set(f"{prefix}journal_id", uuid.uuid4().hex, nx=True)
-            self.journal_id = str(self._client.get(f"{prefix}journal_id"))
-            self.durability = self._read_durability()
+        # Nothing is asked of the server until it is needed: a service starts with Redis
+        # down, and says so on its readiness probe (health), not by failing to start.
+        self._journal_id: str | None = None
+        self.durability: str | None = None
+
+    @property
+    def journal_id(self) -> str:  # type: ignore[override]
+        if self._journal_id is None:
+            with self._unavailable_as_error():
+                self._client.set(f"{self.prefix}journal_id", uuid.uuid4().hex, nx=True)
+                self._journal_id = str(self._client.get(f"{self.prefix}journal_id"))
+        return self._journal_id
 
     def _read_durability(self) -> str:
         try:
@@ -161,7 +170,7 @@ class RedisState(OnlineState):
     # -- events ------------------------------------------------------------------------------
 
     def write_events(self, events: Sequence[Event]) -> WriteResult:
-        args: list[str | int] = [self.prefix, self._ttl, self.max_items]
+        args: list[str | int] = [self.prefix, self._id_ttl, self._user_ttl, self.max_items]
         for e in events:
             args += [e.event_id, e.user_id, e.item_id, e.type, repr(e.timestamp),
                      "" if e.value is None else repr(e.value), e.recommendation_id or ""]  # fmt: skip
@@ -197,7 +206,7 @@ class RedisState(OnlineState):
         payload = json.dumps([i.recommendation_id, i.user_id, list(i.items), i.model_version, i.variant, i.timestamp],
                              ensure_ascii=False)  # fmt: skip
         with self._unavailable_as_error():
-            return bool(self._write_impression(args=[self.prefix, self._ttl, i.recommendation_id, payload]))
+            return bool(self._write_impression(args=[self.prefix, self._id_ttl, i.recommendation_id, payload]))
 
     def impression(self, recommendation_id: str) -> Impression | None:
         with self._unavailable_as_error():
@@ -231,7 +240,7 @@ class RedisState(OnlineState):
             self._mark_exported(keys=[f"{self.prefix}exported:{kind}"], args=[cursor])
 
     def expire(self, now: float) -> ExpireResult:
-        cutoff = now - self.retention_s
+        cutoff, journal_cutoff = now - self.limits.retention_s, now - self.limits.journal_s
         removed = 0
         with self._unavailable_as_error():
             # Users idle for the retention period are gone by TTL already; this drops the old
@@ -250,7 +259,7 @@ class RedisState(OnlineState):
                     continue
                 ms, seq = _stream_id(str(exported))
                 # Stream ids are arrival times in ms: keep what is not exported or not old enough.
-                min_id = min((ms, seq + 1), (max(0, int(cutoff * 1000)), 0))
+                min_id = min((ms, seq + 1), (max(0, int(journal_cutoff * 1000)), 0))
                 trimmed[kind] = int(self._client.xtrim(f"{self.prefix}{kind}", minid=f"{min_id[0]}-{min_id[1]}", approximate=False))
         return ExpireResult(removed, trimmed["events"], trimmed["impressions"])
 
@@ -271,6 +280,8 @@ class RedisState(OnlineState):
             # PING answers while the server refuses writes (out of memory, a failing disk):
             # ask for a write, to a key of its own, the way a batch would.
             self._client.set(f"{self.prefix}health", "1", ex=60)
+            if self.durability is None:
+                self.durability = self._read_durability()
 
     def close(self) -> None:
         self._client.close()

@@ -36,6 +36,7 @@ from models.serving.online.base import (
     Cursor,
     ExpireResult,
     JournalKind,
+    OnlineLimits,
     OnlineState,
     RecentItem,
     WriteResult,
@@ -128,12 +129,11 @@ class SqliteState(OnlineState):
     backend = "sqlite"
 
     def __init__(
-        self, path: Path, max_items: int, retention_s: float, timeout_s: float,
-        synchronous: Literal["FULL", "NORMAL"] = "FULL",
+        self, path: Path, limits: OnlineLimits, synchronous: Literal["FULL", "NORMAL"] = "FULL",
     ) -> None:  # fmt: skip
-        self.path, self.max_items, self.retention_s = Path(path), max_items, retention_s
-        self.timeout_s, self.synchronous = timeout_s, synchronous
-        self.retry_after_s = max(1.0, timeout_s)
+        self.path, self.limits, self.synchronous = Path(path), limits, synchronous
+        self.max_items, self.timeout_s = limits.max_items, limits.timeout_s
+        self.retry_after_s = max(1.0, limits.timeout_s)
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._registry_lock = threading.Lock()
@@ -351,7 +351,7 @@ class SqliteState(OnlineState):
                 return total
 
     def expire(self, now: float) -> ExpireResult:
-        cutoff = now - self.retention_s
+        cutoff, journal_cutoff = now - self.limits.retention_s, now - self.limits.journal_s
         with self._unavailable_as_error():
             key = "(user_id, item_id, type)"
             recent = self._delete_chunks("recent", key, "SELECT user_id, item_id, type FROM recent WHERE ts < ?", (cutoff,))
@@ -363,7 +363,8 @@ class SqliteState(OnlineState):
             counts = {}
             for kind in ("events", "impressions"):
                 counts[kind] = self._delete_chunks(
-                    kind, "seq", f"SELECT seq FROM {kind} WHERE seq <= ? AND received < ?", (self._exported(kind), cutoff),
+                    kind, "seq", f"SELECT seq FROM {kind} WHERE seq <= ? AND received < ?",
+                    (self._exported(kind), journal_cutoff),
                 )  # fmt: skip
         return ExpireResult(recent, counts["events"], counts["impressions"])
 
