@@ -4,6 +4,7 @@ restarts; the reader gives back what was written."""
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 
@@ -88,6 +89,35 @@ def test_a_crash_between_writing_and_committing_is_redone_not_doubled(state: Onl
     assert restarted.export()["events"] == 18
     assert logged_rows(uri) == as_rows(events(0, 30))
     assert read_event_log(uri)["event_id"].is_unique
+
+
+KILLED_EXPORTER = """
+import os, signal
+from models.serving.event_log import EventLogExporter
+batch = EventLogExporter(state, sys.argv[2], batch_size=12).prepare("events")
+print(batch.count, len(batch.files), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # after the files, before the commit
+"""
+
+
+def test_an_exporter_killed_between_writing_and_committing_loses_and_doubles_nothing(
+    online_store: StoreUnderTest, tmp_path: Path,
+) -> None:  # fmt: skip
+    uri = str(tmp_path / "log")
+    state = online_store.open()
+    try:
+        state.write_events(events(0, 20))
+        child = online_store.child(KILLED_EXPORTER, uri)
+        out, _ = child.communicate(timeout=120)
+        assert child.returncode == -signal.SIGKILL and out.split() == ["12", "3"]
+        written = parquet_files(tmp_path / "log")
+        assert len(written) == 3 and len(read_event_log(uri)) == 12  # in the log, not committed
+        state.write_events(events(20, 10))
+        assert EventLogExporter(state, uri, batch_size=12).export()["events"] == 30
+        assert set(written) <= set(parquet_files(tmp_path / "log"))  # the same files, overwritten
+        assert logged_rows(uri) == as_rows(events(0, 30))
+    finally:
+        state.close()
 
 
 def test_a_journal_expired_after_export_leaves_the_log_whole(online_store: StoreUnderTest, tmp_path: Path) -> None:
