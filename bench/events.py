@@ -2,7 +2,7 @@
 of the /events bars (issue 15: 20,000 events/s in 100-event batches at 64 clients on SQLite,
 1,000 req/s of 1-event requests) the store itself leaves to the rest of the request.
 
-    python -m bench.events                  # ~4 minutes; writes bench/results/events.{md,json,png}
+    python -m bench.events                  # ~6 minutes; writes bench/results/events.{md,json,png}
     python -m bench.events --smoke          # seconds; checks that the benchmark works
 
 Writes: 2 processes (like 2 API workers) x 32 clients = 64 clients, each sending its next

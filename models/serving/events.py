@@ -16,7 +16,7 @@ from typing import Any, Literal, get_args
 
 EventType = Literal["view", "click", "add_to_cart", "purchase", "rating"]
 EVENT_TYPES: tuple[str, ...] = get_args(EventType)
-# The same bound as the API's ids (api_schema.ExternalId): in characters, not bytes (a
+# Every id's bound, the API's too (api_schema.ExternalId): in characters, not bytes (a
 # 256-character id of 4-byte characters is 1 KiB of UTF-8).
 MAX_ID_CHARS = 256
 # Impressions are the responses of /recommend and /rank: at most their own item limits.

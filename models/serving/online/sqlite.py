@@ -5,8 +5,9 @@ Durability: every write is one `BEGIN IMMEDIATE ... COMMIT`, and `synchronous=FU
 SQLite fsync the WAL at each commit, so a batch that was acknowledged survives a power loss
 too, not only a `kill -9` of the process (that, `NORMAL` survives as well: the WAL is written
 before COMMIT returns, only the fsync is deferred to the checkpoint; a power loss may then
-roll back the last commits). An fsync here costs ~4 ms, so concurrent requests are joined
-into one commit by `GroupCommitWriter` (writer.py), not committed one by one.
+roll back the last commits). An fsync here took 0.04 to 4 ms (by the host's load), so
+concurrent requests are joined into one commit by `GroupCommitWriter` (writer.py), not
+committed one by one.
 
 Concurrency: WAL lets readers go on while one writer commits. Writers queue on a lock per
 process, then on a file lock beside the database (`<file>.writelock`) shared by the

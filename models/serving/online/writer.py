@@ -1,11 +1,12 @@
 """Group commit: the batches of concurrent requests joined into one durable write.
 
-A durable commit costs about one fsync (SQLite `synchronous=FULL`: ~4 ms here; Redis with
-`appendfsync always`: one fsync per event loop turn), so 1-event requests committed one by
-one are capped at a few hundred a second. One writer thread per process takes whatever
-batches are waiting, writes them with a single `write_events` (up to `max_events` events)
-and hands each caller its own part of the result: the same acknowledgement, after the same
-durable commit, for many requests at once.
+A durable commit costs about one fsync (SQLite `synchronous=FULL`: 0.04 to 4 ms here, by
+the host's load; Redis with `appendfsync always`: one fsync per turn of its event loop), so
+1-event requests committed one by one reached 940 to 2,100 req/s on SQLite at 64 clients
+here, and 4,000 to 6,600 joined (bench/events.py). One writer thread per process takes
+whatever batches are waiting, writes them with a single `write_events` (up to `max_events`
+events) and hands each caller its own part of the result: the same acknowledgement, after
+the same durable commit, for many requests at once.
 
 `submit(events)` is for async code (it never blocks the event loop); `write(events)` for
 threads. A failed joined write fails every request in it with the same error (a
