@@ -128,6 +128,25 @@ def test_impressions_round_trip_once(state: OnlineState) -> None:
     assert state.export_impressions(cursor, 10)[0] == [second]
 
 
+def test_impressions_in_a_batch_and_joined_from_concurrent_responses(state: OnlineState) -> None:
+    shown = [Impression(f"r{i % 3}", "u1", (f"i{i}",), "v1", "champion", 1000.0 + i) for i in range(4)]
+    assert state.write_impressions(shown).new == (True, True, True, False)  # r0 again: a duplicate
+    assert state.impression("r0") == shown[0]
+    writer = GroupCommitWriter(state, max_events=1000, kind="impressions")
+
+    async def responses() -> list[bool]:
+        results = await asyncio.gather(*(writer.submit([Impression(f"c{i}", "u2", ("a", "b"), "v1", "champion", 1.0)])
+                                         for i in range(50)))  # fmt: skip
+        return [r.new[0] for r in results]
+
+    try:
+        assert asyncio.run(responses()) == [True] * 50
+        assert writer.commits < 50 and state.impression("c49") is not None
+        assert len(state.export_impressions(START, 1000)[0]) == 53
+    finally:
+        writer.close()
+
+
 def test_retention_drops_old_user_state_and_only_exported_old_journal_entries(online_store: StoreUnderTest) -> None:
     retention, journal_s = 1000.0, 100.0
     state = online_store.open(retention_s=retention, journal_s=journal_s)

@@ -18,8 +18,9 @@ about 1 GB in Redis).
 
 Every method is synchronous and may block (on disk, on a lock, on the network): never call
 one from an event loop. An async API calls them in a thread (`asyncio.to_thread`, or a
-BentoML `def` API, which runs in a thread pool), and writes through `GroupCommitWriter`
-(writer.py), which joins the batches of concurrent requests into one durable commit.
+BentoML `def` API, which runs in a thread pool), and writes events and impressions through
+`GroupCommitWriter` (writer.py), which joins the writes of concurrent requests into one
+durable commit.
 Errors of the backend (down, locked past the timeout, full) are `BackendUnavailable`, with a
 hint of when to retry: the API answers 503 with `Retry-After`, never a silent drop.
 """
@@ -121,8 +122,13 @@ class OnlineState(abc.ABC):
         return {u: self.recent(u, limit) for u in dict.fromkeys(user_ids)}
 
     @abc.abstractmethod
+    def write_impressions(self, impressions: Sequence[Impression]) -> WriteResult:
+        """Record what responses showed, in one atomic, durable step; an id recorded before
+        (also earlier in the batch) is a duplicate and changes nothing."""
+
     def write_impression(self, impression: Impression) -> bool:
-        """Record what a response showed, durably; False if its id was recorded already."""
+        """One impression; False if its id was recorded already."""
+        return self.write_impressions([impression]).new[0]
 
     @abc.abstractmethod
     def impression(self, recommendation_id: str) -> Impression | None:

@@ -78,13 +78,18 @@ end
 return out
 """
 
-_WRITE_IMPRESSION = """#!lua
+_WRITE_IMPRESSIONS = """#!lua
 local p, ttl = ARGV[1], tonumber(ARGV[2])
-if not redis.call('SET', p .. 'imp:' .. ARGV[3], ARGV[4], 'NX', 'EX', ttl) then
-  return 0
+local out = {}
+for i = 3, #ARGV, 2 do
+  if redis.call('SET', p .. 'imp:' .. ARGV[i], ARGV[i+1], 'NX', 'EX', ttl) then
+    redis.call('XADD', p .. 'impressions', '*', 'j', ARGV[i+1])
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
 end
-redis.call('XADD', p .. 'impressions', '*', 'j', ARGV[4])
-return 1
+return out
 """
 
 # Never backwards: a late or repeated mark leaves the furthest one (cursors compare as strings).
@@ -127,7 +132,7 @@ class RedisState(OnlineState):
             retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1), health_check_interval=30,
         )  # fmt: skip
         self._write_events = self._client.register_script(_WRITE_EVENTS)
-        self._write_impression = self._client.register_script(_WRITE_IMPRESSION)
+        self._write_impressions = self._client.register_script(_WRITE_IMPRESSIONS)
         self._mark_exported = self._client.register_script(_MARK_EXPORTED)
         # Nothing is asked of the server until it is needed: a service starts with Redis
         # down, and says so on its readiness probe (health), not by failing to start.
@@ -201,12 +206,14 @@ class RedisState(OnlineState):
 
     # -- impressions ---------------------------------------------------------------------------
 
-    def write_impression(self, impression: Impression) -> bool:
-        i = impression
-        payload = json.dumps([i.recommendation_id, i.user_id, list(i.items), i.model_version, i.variant, i.timestamp],
-                             ensure_ascii=False)  # fmt: skip
+    def write_impressions(self, impressions: Sequence[Impression]) -> WriteResult:
+        args: list[str | int] = [self.prefix, self._id_ttl]
+        for i in impressions:
+            args += [i.recommendation_id, json.dumps([i.recommendation_id, i.user_id, list(i.items), i.model_version,
+                                                      i.variant, i.timestamp], ensure_ascii=False)]  # fmt: skip
         with self._unavailable_as_error():
-            return bool(self._write_impression(args=[self.prefix, self._id_ttl, i.recommendation_id, payload]))
+            flags = self._write_impressions(args=args)
+        return WriteResult(tuple(bool(f) for f in flags))
 
     def impression(self, recommendation_id: str) -> Impression | None:
         with self._unavailable_as_error():

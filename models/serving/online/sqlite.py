@@ -233,19 +233,14 @@ class SqliteState(OnlineState):
                                                 e.recommendation_id, received)],
                 ).fetchall()  # fmt: skip
                 inserted.update(row[0] for row in rows)
-            new = []
-            for e in events:
-                # The first row of an id is the one inserted; a later one in the batch is a duplicate.
-                is_new = e.event_id in inserted
-                new.append(is_new)
-                inserted.discard(e.event_id)
+            new = _first_occurrences([e.event_id for e in events], inserted)
             fresh = [e for e, is_new in zip(events, new, strict=True) if is_new]
             conn.executemany(
                 "INSERT INTO recent VALUES (?, ?, ?, ?) ON CONFLICT (user_id, item_id, type) "
                 "DO UPDATE SET ts = max(ts, excluded.ts)", [(e.user_id, e.item_id, e.type, e.timestamp) for e in fresh],
             )  # fmt: skip
             self._cap(conn, list({e.user_id for e in fresh}))
-        return WriteResult(tuple(new))
+        return WriteResult(new)
 
     def _cap(self, conn: sqlite3.Connection, users: list[str]) -> None:
         """Drop what is past the newest max_items of these users (only those over the cap)."""
@@ -289,16 +284,20 @@ class SqliteState(OnlineState):
 
     # -- impressions ---------------------------------------------------------------------------
 
-    def write_impression(self, impression: Impression) -> bool:
-        i = impression
+    def write_impressions(self, impressions: Sequence[Impression]) -> WriteResult:
+        received = time.time()
+        inserted: set[str] = set()
         with self._transaction() as conn:
-            cur = conn.execute(
-                "INSERT OR IGNORE INTO impressions (recommendation_id, user_id, items, model_version, "
-                "variant, ts, received) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (i.recommendation_id, i.user_id, json.dumps(i.items, ensure_ascii=False), i.model_version,
-                 i.variant, i.timestamp, time.time()),
-            )  # fmt: skip
-        return cur.rowcount == 1
+            for start in range(0, len(impressions), _ROWS_PER_INSERT):
+                chunk = impressions[start:start + _ROWS_PER_INSERT]
+                rows = conn.execute(
+                    "INSERT OR IGNORE INTO impressions (recommendation_id, user_id, items, model_version, variant, "
+                    f"ts, received) VALUES {', '.join(['(?, ?, ?, ?, ?, ?, ?)'] * len(chunk))} RETURNING recommendation_id",
+                    [x for i in chunk for x in (i.recommendation_id, i.user_id, json.dumps(i.items, ensure_ascii=False),
+                                                i.model_version, i.variant, i.timestamp, received)],
+                ).fetchall()  # fmt: skip
+                inserted.update(row[0] for row in rows)
+        return WriteResult(_first_occurrences([i.recommendation_id for i in impressions], inserted))
 
     def impression(self, recommendation_id: str) -> Impression | None:
         with self._unavailable_as_error():
@@ -383,6 +382,16 @@ class SqliteState(OnlineState):
             for conn in self._connections:
                 conn.close()
             self._connections.clear()
+
+
+def _first_occurrences(ids: list[str], inserted: set[str]) -> tuple[bool, ...]:
+    """Which rows were new: the first row of an inserted id (a later one in the same batch was
+    ignored as a duplicate)."""
+    left, new = set(inserted), []
+    for i in ids:
+        new.append(i in left)
+        left.discard(i)
+    return tuple(new)
 
 
 def _impression(row: Sequence[object]) -> Impression:

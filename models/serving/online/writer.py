@@ -21,28 +21,32 @@ import queue
 import threading
 from collections.abc import Sequence
 
-from models.serving.events import Event
-from models.serving.online.base import OnlineState, WriteResult
+from models.serving.events import Event, Impression
+from models.serving.online.base import JournalKind, OnlineState, WriteResult
 
-_Pending = tuple[Sequence[Event], "concurrent.futures.Future[WriteResult]"]
+Entry = Event | Impression
+_Pending = tuple[Sequence[Entry], "concurrent.futures.Future[WriteResult]"]
 
 
 class GroupCommitWriter:
-    """One thread that writes the waiting batches together. `max_events` bounds one joined
-    write (a single batch larger than that is written alone)."""
+    """One thread that writes the waiting batches together: events (`write_events`) or, with
+    kind="impressions", the impressions of /recommend and /rank responses
+    (`write_impressions`: one per response, so joining them matters as much). `max_events`
+    bounds one joined write (a single batch larger than that is written alone)."""
 
-    def __init__(self, state: OnlineState, max_events: int) -> None:
-        self.state, self.max_events = state, max_events
+    def __init__(self, state: OnlineState, max_events: int, kind: JournalKind = "events") -> None:
+        self.state, self.max_events, self.kind = state, max_events, kind
+        self._write_batch = state.write_events if kind == "events" else state.write_impressions
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._closed = False
         self._lock = threading.Lock()
         # Counters for the benchmark and the metrics: how much joining happened.
         self.commits = 0
         self.batches = 0
-        self._thread = threading.Thread(target=self._run, name=f"group-commit-{state.backend}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"group-commit-{kind}-{state.backend}", daemon=True)
         self._thread.start()
 
-    def write_future(self, events: Sequence[Event]) -> concurrent.futures.Future[WriteResult]:
+    def write_future(self, events: Sequence[Entry]) -> concurrent.futures.Future[WriteResult]:
         future: concurrent.futures.Future[WriteResult] = concurrent.futures.Future()
         with self._lock:
             if self._closed:
@@ -50,11 +54,11 @@ class GroupCommitWriter:
             self._queue.put((events, future))
         return future
 
-    def write(self, events: Sequence[Event]) -> WriteResult:
+    def write(self, events: Sequence[Entry]) -> WriteResult:
         """Blocking: for a thread (a BentoML `def` API)."""
         return self.write_future(events).result()
 
-    async def submit(self, events: Sequence[Event]) -> WriteResult:
+    async def submit(self, events: Sequence[Entry]) -> WriteResult:
         """For an event loop: waits without blocking it."""
         return await asyncio.wrap_future(self.write_future(events))
 
@@ -85,7 +89,7 @@ class GroupCommitWriter:
         # Any error, not only BackendUnavailable: each waiting caller re-raises it; left
         # unhandled it would end this thread and leave them waiting forever.
         try:
-            result = self.state.write_events(events)
+            result = self._write_batch(events)  # type: ignore[arg-type]  # one kind per writer
         except Exception as err:  # noqa: BLE001 - not swallowed: every caller gets it
             for _, future in group:
                 future.set_exception(err)
