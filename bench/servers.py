@@ -131,3 +131,71 @@ def wait_ready(server: ServerProcess, timeout: float = READY_TIMEOUT_S) -> None:
         time.sleep(0.3)
     server.stop()
     raise TimeoutError(f"{server.url} not ready after {timeout} s:\n{server.log()[-4000:]}")
+
+
+REDIS_SERVER_BIN = "/usr/bin/redis-server"
+
+
+@dataclass
+class RedisServer:
+    """A real redis-server on a loopback port, its data in `data_dir`, with the settings that
+    make an acknowledged write survive its crash: the append-only file, fsync'd before each
+    reply. `kill()` then `start()` again is a crash and a restart on the same data."""
+
+    port: int
+    data_dir: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 30.0) -> RedisServer:
+        command = [REDIS_SERVER_BIN, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
+                   "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--protected-mode", "yes"]  # fmt: skip
+        with (self.data_dir / "redis.log").open("ab") as log_file:
+            self.proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            if self._answers_ping():
+                return self
+            time.sleep(0.05)
+        self.kill()
+        raise TimeoutError(f"redis-server on port {self.port} did not answer PING in {timeout} s:\n{self.log()[-4000:]}")
+
+    def _answers_ping(self) -> bool:
+        # RESP by hand: no client library needed to ask "are you up (and done loading)?".
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def log(self) -> str:
+        return (self.data_dir / "redis.log").read_text(errors="replace")
+
+    def stop(self) -> None:
+        """SIGTERM by its pid (Redis finishes its append-only file), SIGKILL if it lingers."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, nothing flushed on the way out."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+def start_redis(data_dir: Path, port: int | None = None) -> RedisServer:
+    """redis-server on a free loopback port (or `port`, e.g. to restart on the same one)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return RedisServer(port or free_port(), data_dir).start()

@@ -1,5 +1,5 @@
 """Test helpers: paths, a small seeded dataset, polling with a deadline, and the server
-helpers of bench/servers.py."""
+helpers of bench/servers.py (bentoml serve, redis-server)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from bench.servers import BENTOML_BIN, ServerProcess, free_port, start_server, wait_ready
+from bench.servers import (
+    BENTOML_BIN,
+    RedisServer,
+    ServerProcess,
+    free_port,
+    start_redis,
+    start_server,
+    wait_ready,
+)
 from training.datasets import Dataset, synthetic
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +68,16 @@ def small_synthetic(seed: int = 3) -> Dataset:
 
 
 __all__ = [
-    "BENTOML_BIN", "MOVIELENS_DIR", "dead_pid", "PROJECT_ROOT", "ServerProcess", "free_port",
-    "poll_until", "small_synthetic", "start_server", "wait_ready",
+    "BENTOML_BIN",
+    "MOVIELENS_DIR",
+    "PROJECT_ROOT",
+    "RedisServer",
+    "ServerProcess",
+    "dead_pid",
+    "free_port",
+    "poll_until",
+    "small_synthetic",
+    "start_redis",
+    "start_server",
+    "wait_ready",
 ]  # fmt: skip

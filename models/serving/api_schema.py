@@ -23,10 +23,11 @@ from pydantic_core import InitErrorDetails, PydanticCustomError, ValidationError
 
 from models.core.candidates import CandidateSource
 from models.core.schema import FEATURE_DTYPE, FEATURE_NAMES, FEATURES, N_FEATURES
+from models.serving.events import MAX_ID_CHARS
 
 # Ids are JSON strings, also where a dataset's ids are numbers ("318", not 318): one type,
 # documented as it is validated (BentoML's OpenAPI keeps only the first member of a union).
-ExternalId = Annotated[StrictStr, Field(min_length=1, max_length=256, description="An id (a string).")]
+ExternalId = Annotated[StrictStr, Field(min_length=1, max_length=MAX_ID_CHARS, description="An id (a string).")]
 # Strict: JSON types only, so that e.g. "k": "10" or "exclude_seen": 0 are 400s, not guesses.
 # Features are scored as float32: a value beyond its range would silently become infinity.
 FLOAT32_MAX = float(np.finfo(np.float32).max)

@@ -6,6 +6,7 @@ model version and travel in its metadata, so a version always serves the way it 
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import Literal
@@ -14,6 +15,11 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.lifecycle.store import DEFAULT_MODEL_NAME
+
+
+def _bentoml_home() -> Path:
+    """BentoML's own default, read when the settings are made (tests point it elsewhere)."""
+    return Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml"))
 
 
 class RecsysSettings(BaseSettings):
@@ -171,6 +177,59 @@ class RecsysSettings(BaseSettings):
     )
     monitor_backups: int = Field(
         3, ge=0, description="Rotated monitor log files kept per worker and monitor; older ones are deleted."
+    )
+
+    # The online state and the event log (models/serving/online/, models/serving/event_log.py).
+    online_backend: Literal["sqlite", "redis", "off"] = Field(
+        "sqlite", description="Where users' recent events are kept, shared by every worker: sqlite "
+        "(one file, the workers of one machine), redis (many replicas), or off (no events API)."
+    )
+    online_path: Path = Field(
+        default_factory=lambda: _bentoml_home() / "online" / "state.sqlite3",
+        description="The SQLite file of the online state (default: under BENTOML_HOME, beside the "
+        "model store). A local disk: WAL mode does not work over a network file system."
+    )
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0", description="The Redis server of the online state, when "
+        "RECSYS_ONLINE_BACKEND=redis. Run it with appendonly yes and appendfsync always, or "
+        "acknowledged events can be lost."
+    )
+    max_events: int = Field(1000, ge=1, description="Most events accepted in one POST /events.")
+    event_max_future_s: float = Field(
+        300.0, ge=0, description="How far past the server's clock an event's timestamp may be "
+        "(clients' clocks drift; a timestamp further ahead is a 400)."
+    )
+    online_max_items: int = Field(
+        200, ge=1, description="Recent items kept per user (one per item and event type, the "
+        "newest); older ones are dropped as new ones arrive."
+    )
+    online_retention_s: float = Field(
+        30 * 86400.0, gt=0, description="Per-user recent items older than this (by event time) "
+        "are expired, and a user idle this long is forgotten (Redis: the key's TTL)."
+    )
+    # A day: clients retry within seconds, a front end that buffers offline within hours.
+    # Each id costs ~100 bytes in Redis: at 100 events/s a day of them is ~1 GB.
+    online_journal_s: float = Field(
+        86400.0, gt=0, description="How long event ids (a retried event_id within this time is "
+        "a duplicate), impressions (found by recommendation_id) and exported journal entries "
+        "are kept. The event log's reader drops an id repeated later than that."
+    )
+    online_timeout_s: float = Field(
+        2.0, gt=0, description="Longest wait for the online state (SQLite's lock, a Redis "
+        "connection or reply); past it the request is a 503 with Retry-After."
+    )
+    online_sqlite_synchronous: Literal["FULL", "NORMAL"] = Field(
+        "FULL", description="SQLite's synchronous level: FULL fsyncs each commit (an acknowledged "
+        "event survives a power loss); NORMAL survives a crash of the process but may lose the "
+        "last commits on a power loss."
+    )
+    event_log_path: str = Field(
+        default_factory=lambda: str(_bentoml_home() / "event_log"),
+        description="The Parquet event log (date=YYYY-MM-DD/ partitions): a local folder or a "
+        "URL pyarrow's file systems open (s3://bucket/path, gs://...)."
+    )
+    event_export_batch: int = Field(
+        50_000, ge=1, description="Most journal entries the exporter writes per Parquet file."
     )
 
     def ranker_url_list(self) -> list[str]:

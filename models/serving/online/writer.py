@@ -1,0 +1,109 @@
+"""Group commit: the batches of concurrent requests joined into one durable write.
+
+A durable commit costs about one fsync (SQLite `synchronous=FULL`: 0.04 to 4 ms here, by
+the host's load; Redis with `appendfsync always`: one fsync per turn of its event loop), so
+1-event requests committed one by one reached 940 to 2,100 req/s on SQLite at 64 clients
+here, and 4,000 to 6,600 joined (bench/events.py). One writer thread per process takes
+whatever batches are waiting, writes them with a single `write_events` (up to `max_events`
+events) and hands each caller its own part of the result: the same acknowledgement, after
+the same durable commit, for many requests at once.
+
+`submit(events)` is for async code (it never blocks the event loop); `write(events)` for
+threads. A failed joined write fails every request in it with the same error (a
+`BackendUnavailable` is a 503 for each): none of them was acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import queue
+import threading
+from collections.abc import Sequence
+
+from models.serving.events import Event, Impression
+from models.serving.online.base import JournalKind, OnlineState, WriteResult
+
+Entry = Event | Impression
+_Pending = tuple[Sequence[Entry], "concurrent.futures.Future[WriteResult]"]
+
+
+class GroupCommitWriter:
+    """One thread that writes the waiting batches together: events (`write_events`) or, with
+    kind="impressions", the impressions of /recommend and /rank responses
+    (`write_impressions`: one per response, so joining them matters as much). `max_events`
+    bounds one joined write (a single batch larger than that is written alone)."""
+
+    def __init__(self, state: OnlineState, max_events: int, kind: JournalKind = "events") -> None:
+        self.state, self.max_events, self.kind = state, max_events, kind
+        self._write_batch = state.write_events if kind == "events" else state.write_impressions
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._closed = False
+        self._lock = threading.Lock()
+        # Counters for the benchmark and the metrics: how much joining happened.
+        self.commits = 0
+        self.batches = 0
+        self._thread = threading.Thread(target=self._run, name=f"group-commit-{kind}-{state.backend}", daemon=True)
+        self._thread.start()
+
+    def write_future(self, events: Sequence[Entry]) -> concurrent.futures.Future[WriteResult]:
+        future: concurrent.futures.Future[WriteResult] = concurrent.futures.Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the group-commit writer is closed")
+            self._queue.put((events, future))
+        return future
+
+    def write(self, events: Sequence[Entry]) -> WriteResult:
+        """Blocking: for a thread (a BentoML `def` API)."""
+        return self.write_future(events).result()
+
+    async def submit(self, events: Sequence[Entry]) -> WriteResult:
+        """For an event loop: waits without blocking it."""
+        return await asyncio.wrap_future(self.write_future(events))
+
+    def _run(self) -> None:
+        carry: _Pending | None = None
+        while True:
+            first = carry if carry is not None else self._queue.get()
+            if first is None:  # the stop, queued by close() after every batch before it
+                return
+            group, total, carry = [first], len(first[0]), None
+            while True:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._commit(group)
+                    return
+                if total + len(nxt[0]) > self.max_events:
+                    carry = nxt  # the next group's first
+                    break
+                group.append(nxt)
+                total += len(nxt[0])
+            self._commit(group)
+
+    def _commit(self, group: list[_Pending]) -> None:
+        events = [e for batch, _ in group for e in batch]
+        # Any error, not only BackendUnavailable: each waiting caller re-raises it; left
+        # unhandled it would end this thread and leave them waiting forever.
+        try:
+            result = self._write_batch(events)  # type: ignore[arg-type]  # one kind per writer
+        except Exception as err:  # noqa: BLE001 - not swallowed: every caller gets it
+            for _, future in group:
+                future.set_exception(err)
+            return
+        self.commits += 1
+        self.batches += len(group)
+        for (_, future), part in zip(group, result.split([len(b) for b, _ in group]), strict=True):
+            future.set_result(part)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Write what is queued, then stop the thread (the state stays open)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(None)
+        self._thread.join(timeout)
