@@ -87,41 +87,42 @@ def ease_scores(fit: EaseFit, seen: sp.csr_matrix, lambdas: Sequence[float]) -> 
 # -- ItemKNN -------------------------------------------------------------------------------
 
 
-def knn_neighbours(train: sp.csr_matrix, k_max: int, shrink: float, block: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """For every item j its `k_max` most similar other items i, best first, with
-    sim(i, j) = |U_i ∩ U_j| / (sqrt(|U_i| |U_j|) + shrink). Returns (neighbours, sims), both
-    (k_max, n_items); columns are built a block at a time so memory stays n_items × block
-    beyond the result."""
+def knn_scores(
+    train: sp.csr_matrix, seen: sp.csr_matrix, ks: Sequence[int], shrink: float, block: int = 512
+) -> dict[int, np.ndarray]:
+    """ItemKNN cosine scores of the rows of `seen`, for every k of `ks` in one pass:
+    score(u, j) = sum of sim(i, j) over the items i of u among j's k most similar other items,
+    with sim(i, j) = |U_i ∩ U_j| / (sqrt(|U_i| |U_j|) + shrink). A k of n_items - 1 or more keeps
+    every neighbour; the keys are the ks so capped. Similarities are built a block of columns at
+    a time, so memory is n_items × block beyond the scores."""
+    if shrink < 0:
+        raise ValueError(f"ItemKNN shrink must be >= 0, got {shrink}")
     n_items = train.shape[1]
-    k_max = min(k_max, n_items - 1)
+    capped = sorted({min(int(k), n_items - 1) for k in ks})
+    if not capped or capped[0] < 1:
+        raise ValueError(f"ItemKNN needs k >= 1 and at least 2 items, got ks {list(ks)} for {n_items} items")
     xt = train.T.tocsr()
     csc = train.tocsc()
+    rows = seen.tocsr()
     norm = np.sqrt(np.asarray(train.sum(axis=0)).ravel())
-    neighbours = np.zeros((k_max, n_items), dtype=np.int32)
-    sims = np.zeros((k_max, n_items), dtype=np.float32)
+    out = {k: np.zeros((seen.shape[0], n_items), dtype=np.float32) for k in capped}
     for start in range(0, n_items, block):
         cols = np.arange(start, min(start + block, n_items))
         co = (xt @ csc[:, cols]).toarray()
         denom = norm[:, None] * norm[None, cols] + shrink
         sim = np.divide(co, denom, out=np.zeros_like(co), where=denom > 0)
-        sim[cols, np.arange(len(cols))] = -np.inf  # an item is not its own neighbour
-        top = np.argpartition(-sim, k_max - 1, axis=0)[:k_max] if k_max < n_items else np.argsort(-sim, axis=0)
-        top_sim = np.take_along_axis(sim, top, axis=0)
-        order = np.lexsort((top, -top_sim), axis=0)
-        neighbours[:, cols] = np.take_along_axis(top, order, axis=0)
-        sims[:, cols] = np.take_along_axis(top_sim, order, axis=0)
-    return neighbours, sims
-
-
-def knn_scores(neighbours: np.ndarray, sims: np.ndarray, seen: sp.csr_matrix, k: int) -> np.ndarray:
-    """score(u, j) = sum of sim(i, j) over the items i of u among j's k nearest neighbours."""
-    n_items = neighbours.shape[1]
-    k = min(k, neighbours.shape[0])
-    cols = np.tile(np.arange(n_items), k)
-    vals = sims[:k].ravel()
-    keep = vals > 0
-    weights = sp.csr_matrix((vals[keep], (neighbours[:k].ravel()[keep], cols[keep])), shape=(n_items, n_items))
-    return np.asarray((seen @ weights).todense())
+        # An item is not its own neighbour. With sim 0 it ranks below every real neighbour, so
+        # it only fills a slot when fewer than k items have any similarity, and adds nothing.
+        sim[cols, np.arange(len(cols))] = 0.0
+        for k in capped:
+            if k >= n_items - 1:
+                kept = sim
+            else:
+                top = np.argpartition(-sim, k - 1, axis=0)[:k]
+                kept = np.zeros_like(sim)
+                np.put_along_axis(kept, top, np.take_along_axis(sim, top, axis=0), axis=0)
+            out[k][:, cols] = rows @ kept
+    return out
 
 
 # -- ALS -----------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ from bench.baselines import (
     ease_scores,
     fit_ease,
     judge,
-    knn_neighbours,
     knn_scores,
     ndcg_curve,
     paired_bootstrap,
@@ -100,9 +99,17 @@ T01, T02, T12, T23 = 2 / (math.sqrt(6) + 1), 1 / (math.sqrt(6) + 1), 2 / 4, 1 / 
 def test_itemknn_cosine_scores_equal_a_hand_computation(
     seen: list[int], k: int, shrink: float, expected: list[float]
 ) -> None:
-    neighbours, sims = knn_neighbours(KNN_X, 3, shrink, block=3)  # two blocks: the block seam is crossed
     row = sp.csr_matrix((np.ones(len(seen)), (np.zeros(len(seen), dtype=int), seen)), shape=(1, 4))
-    np.testing.assert_allclose(knn_scores(neighbours, sims, row, k)[0], expected, rtol=1e-6)
+    # Block 3 of 4 items: the seam between two blocks of columns is crossed.
+    scores = knn_scores(KNN_X, row, [1, 2, k, 10], shrink, block=3)
+    assert sorted(scores) == sorted({1, 2, k, 3})  # 10 is capped at n_items - 1 = 3, "every item"
+    np.testing.assert_allclose(scores[k][0], expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize(("ks", "shrink", "match"), [([0], 0.0, "k >= 1"), ([5], -1.0, "shrink must be >= 0")])
+def test_itemknn_refuses_a_bad_k_or_shrink(ks: list[int], shrink: float, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        knn_scores(KNN_X, KNN_X, ks, shrink)
 
 
 def test_rank_rows_leaves_out_seen_and_minus_infinity_and_breaks_ties_by_the_tie_key() -> None:
