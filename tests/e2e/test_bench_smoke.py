@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 def test_perf_benchmark_smoke(tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "bench.perf", "--smoke", "--skip-mlserver", "--out", str(tmp_path)],
-        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600,
+        cwd=PROJECT_ROOT, capture_output=True, text=True, check=False, timeout=600,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     report = json.loads((tmp_path / "perf.json").read_text())
@@ -27,3 +28,30 @@ def test_perf_benchmark_smoke(tmp_path: Path) -> None:
     assert report["reference"]["recommend_rps"] > 0
     assert "| bar | measured | met |" in (tmp_path / "perf.md").read_text()
     assert (tmp_path / "perf.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_quality_benchmark_smoke(tmp_path: Path) -> None:
+    from bench.quality import BASELINES, MODEL
+
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.quality", "--smoke", "--out", str(tmp_path)],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, check=False, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    text = (tmp_path / "quality.md").read_text()
+    rows = {cells[0]: cells[1:] for line in text.splitlines() if line.startswith("| ")
+            for cells in [[c.strip() for c in line.strip("|").split("|")]]}  # fmt: skip
+    assert set(rows) == {"system", MODEL, *BASELINES}
+    # NDCG, Recall, HitRate, MAP at 10 and candidate recall: one seed, so plain numbers.
+    for system in (MODEL, *BASELINES):
+        values = [float(v) for v in rows[system][:5]]
+        assert all(0 <= v <= 1 for v in values), (system, values)
+    interval = re.search(r"ratio ([\d.]+) \[([\d.]+), ([\d.]+)\], difference ([+-][\d.]+) \[([+-][\d.]+), ([+-][\d.]+)\]", text)
+    assert interval, text
+    ratio, r_lo, r_hi, diff, d_lo, d_hi = map(float, interval.groups())
+    assert r_lo <= ratio <= r_hi and d_lo <= diff <= d_hi
+    report = json.loads((tmp_path / "quality.json").read_text())
+    curves = report["datasets"]["synthetic"]["systems"][MODEL]["runs"][0]["ndcg_curve"]
+    assert len(curves) == 50 and all(0 <= v <= 1 for v in curves)
+    png = (tmp_path / "quality.png").read_bytes()
+    assert png[:4] == b"\x89PNG" and len(png) > 10_000
