@@ -306,6 +306,10 @@ def run_dataset(dataset: Dataset, args: argparse.Namespace, grids: Grids) -> Dat
     print(f"{dataset.name}: training the model ({len(args.seeds)} seeds)", flush=True)
     model, result = run_model(dataset, split, args.seeds, args.threads)
     assert result.test_window is not None
+    # The candidate parameters the (first seed's) run chose on window 1, popularity's order
+    # among them: popularity and co-occurrence are the pipeline's own, tuned the same way.
+    chosen = CandidateParams.from_dict(result.metadata["params"]["candidates"])
+    args = argparse.Namespace(**{**vars(args), "candidates": chosen})
     test = make_fold(result.test_window, dataset, args.candidates)
     valid = make_fold(window(dataset.log, 1, split), dataset, args.candidates)
     systems = [model]
