@@ -57,6 +57,7 @@ from training.pipeline import (
     RANKED_DEPTH,
     TrainConfig,
     TrainResult,
+    all_time_order,
     train,
 )
 from training.split import SPLIT_KINDS, SplitConfig, Window, window
@@ -71,7 +72,9 @@ K = 10
 DEPTH = 200  # baselines' "candidate recall": recall of their top 200, the model's candidate count
 MODEL = "this model"
 POPULARITY, COOCCURRENCE, EASE, ALS, ITEMKNN = "popularity", "co-occurrence", "EASE", "ALS", "ItemKNN"
-BASELINES = (POPULARITY, COOCCURRENCE, EASE, ALS, ITEMKNN)
+RECENT_POPULARITY = "popularity, recent"  # the order the run chose on window 1 (pop_trend, recent_quantile)
+BASELINES = (POPULARITY, RECENT_POPULARITY, COOCCURRENCE, EASE, ALS, ITEMKNN)
+SINGLE_STAGE = (COOCCURRENCE, EASE, ALS, ITEMKNN)
 
 
 @dataclass(frozen=True)
@@ -186,11 +189,11 @@ def _edge(value: float, options: tuple[float, ...]) -> str:
     return " (grid edge)" if len(options) > 1 and value in (min(options), max(options)) else ""
 
 
-def popularity_lists(fold: Fold) -> list[np.ndarray]:
+def popularity_lists(fold: Fold, order: np.ndarray) -> list[np.ndarray]:
     lists = []
     for j in range(len(fold.users)):
         seen = fold.seen.indices[fold.seen.indptr[j] : fold.seen.indptr[j + 1]]
-        head = fold.tables.pop_order[: DEPTH + len(seen)]
+        head = order[: DEPTH + len(seen)]
         lists.append(head[~np.isin(head, seen)][:DEPTH])
     return lists
 
@@ -202,8 +205,15 @@ def cooccurrence_lists(fold: Fold, params: CandidateParams) -> list[np.ndarray]:
 
 def run_popularity(valid: Fold, test: Fold, grids: Grids, args: argparse.Namespace) -> SystemResult:
     start = time.perf_counter()
-    ranked = popularity_lists(test)
+    ranked = popularity_lists(test, all_time_order(test.tables))
     return SystemResult(POPULARITY, [judged(ranked, test, test.seconds + time.perf_counter() - start)])
+
+
+def run_recent_popularity(valid: Fold, test: Fold, grids: Grids, args: argparse.Namespace) -> SystemResult:
+    start = time.perf_counter()
+    ranked = popularity_lists(test, test.tables.pop_order)
+    chosen = f"pop_trend {args.candidates.pop_trend:g}, recent_quantile {args.candidates.recent_quantile:g}"
+    return SystemResult(RECENT_POPULARITY, [judged(ranked, test, test.seconds + time.perf_counter() - start)], chosen)
 
 
 def run_cooccurrence(valid: Fold, test: Fold, grids: Grids, args: argparse.Namespace) -> SystemResult:
@@ -262,7 +272,8 @@ def run_itemknn(valid: Fold, test: Fold, grids: Grids, args: argparse.Namespace)
 
 
 RUNNERS: dict[str, Callable[[Fold, Fold, Grids, argparse.Namespace], SystemResult]] = {
-    POPULARITY: run_popularity, COOCCURRENCE: run_cooccurrence, EASE: run_ease, ALS: run_als, ITEMKNN: run_itemknn,
+    POPULARITY: run_popularity, RECENT_POPULARITY: run_recent_popularity, COOCCURRENCE: run_cooccurrence,
+    EASE: run_ease, ALS: run_als, ITEMKNN: run_itemknn,
 }  # fmt: skip
 
 
@@ -322,7 +333,9 @@ def run_dataset(dataset: Dataset, args: argparse.Namespace, grids: Grids) -> Dat
         ours = next(s for s in systems if s.name == name).first.mean("ndcg")
         if abs(ours - result.metrics[key]["ndcg"]) > 1e-9:
             raise RuntimeError(f"{name}: NDCG@{K} {ours:.6f} here, {result.metrics[key]['ndcg']:.6f} in the pipeline")
-    best = max(systems[1:], key=lambda s: s.first.mean("ndcg"))
+    # The best single-stage baseline, as the issue's bar names them (popularity is judged
+    # apart: its bar is 1.5x).
+    best = max((s for s in systems if s.name in SINGLE_STAGE), key=lambda s: s.first.mean("ndcg"))
     interval = paired_bootstrap(model.first.per_user["ndcg"], best.first.per_user["ndcg"], args.resamples,
                                 args.bootstrap_seed)  # fmt: skip
     log = dataset.log

@@ -29,7 +29,7 @@ from models.core.features import build_features
 from models.core.metrics import mean_metrics, ranking_metrics
 from models.core.params import CandidateParams
 from models.core.ranking import predict_scores, top_k
-from models.core.schema import FEATURE_NAMES, N_FEATURES, SCHEMA_HASH, schema_as_dict
+from models.core.schema import FEATURE_NAMES, ITEM_FEATURES, N_FEATURES, SCHEMA_HASH, schema_as_dict
 from models.core.tables import ServingTables, build_tables
 from models.lifecycle.store import DEFAULT_MODEL_NAME, open_version, save_version
 from training.datasets import DataError, Dataset
@@ -111,6 +111,12 @@ class Evaluation:
     ranked: list[np.ndarray]  # per test user: the model's top RANKED_DEPTH items, best first
 
 
+def all_time_order(tables: ServingTables) -> np.ndarray:
+    """Items by all-time interaction count, most first (ties: lower index first)."""
+    count = tables.item_feats[:, ITEM_FEATURES.index("item_log_pop")]
+    return np.lexsort((np.arange(tables.n_items), -count)).astype(np.int32)
+
+
 def evaluate(
     booster: xgb.Booster, tables: ServingTables, win: Window, params: CandidateParams, k: int
 ) -> Evaluation:
@@ -126,6 +132,9 @@ def evaluate(
     bounds = np.cumsum([0] + [len(f) for f in features])
     model_rows, pop_rows, cooc_rows, recall = [], [], [], []
     ranked_lists: list[np.ndarray] = []
+    # Popularity baseline: the most interacted-with items of all time (the model's own
+    # popularity order may weigh recent counts, chosen on validation; that is the model's).
+    all_time = all_time_order(tables)
     for j, (items, relevant, seen) in enumerate(per_user):
         deep, _ = top_k(items, scores[bounds[j] : bounds[j + 1]], max(k, RANKED_DEPTH))
         ranked_lists.append(deep)
@@ -134,7 +143,7 @@ def evaluate(
         # Co-occurrence baseline: the candidates in generation order (co-occurrence score,
         # then popularity to fill), i.e. the list without the ranker.
         cooc_rows.append(ranking_metrics(items[:k], relevant, k))
-        head = tables.pop_order[: k + len(seen)]
+        head = all_time[: k + len(seen)]
         pop_rows.append(ranking_metrics(head[~np.isin(head, seen)][:k], relevant, k))
         recall.append(np.isin(relevant, items).mean())
     metrics = {
