@@ -71,6 +71,9 @@ class Recommender:
             raise UnknownItemsError(list(dict.fromkeys(unknown)))
         return np.asarray(idx, dtype=np.int32)
 
+    def knows(self, item_id: str) -> bool:
+        return item_id in self._item_index
+
     def known_items(self, item_ids: list[str]) -> np.ndarray:
         """The catalog indices of the ids the model knows, in order, each once (int32):
         online items the model was not trained on are stored, not used."""
