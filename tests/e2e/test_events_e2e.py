@@ -17,7 +17,7 @@ from models.core.recommender import Recommender
 from models.lifecycle.store import open_version
 from models.serving.online.base import OnlineLimits
 from models.serving.online.sqlite import SqliteState
-from tests.helpers import PROJECT_ROOT, ServerProcess, start_server
+from tests.helpers import PROJECT_ROOT, ServerProcess, poll_until, start_redis, start_server
 from training.pipeline import TrainResult
 
 pytestmark = pytest.mark.e2e
@@ -35,12 +35,16 @@ def online_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("online") / "state.sqlite3"
 
 
-def _serve(trained: TrainResult, bentoml_home: Path, online_path: Path) -> ServerProcess:
+def _serve(trained: TrainResult, bentoml_home: Path, online_path: Path, **env: str) -> ServerProcess:
     assert trained.tag is not None
     return start_server(["service:ApiService"], cwd=PROJECT_ROOT, env={
         "BENTOML_HOME": str(bentoml_home), "RECSYS_MODEL_TAG": trained.tag, "RECSYS_API_WORKERS": "2",
-        "RECSYS_ONLINE_BACKEND": "sqlite", "RECSYS_ONLINE_PATH": str(online_path),
+        "RECSYS_ONLINE_BACKEND": "sqlite", "RECSYS_ONLINE_PATH": str(online_path), **env,
     })  # fmt: skip
+
+
+def _state(path: Path) -> SqliteState:
+    return SqliteState(path, OnlineLimits(max_items=200, retention_s=1e9, journal_s=1e9, timeout_s=5))
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +123,18 @@ def test_the_next_recommendation_shows_the_events_on_any_worker(events_server: S
     assert ranked["cold_start"] is False and ranked["history"]["online"] == 3
 
 
+def test_each_response_is_stored_under_its_recommendation_id(events_server: ServerProcess, online_path: Path) -> None:
+    got = httpx.post(f"{events_server.url}/recommend", json={"user_id": "u1", "k": 4}, timeout=30).json()
+    state = _state(online_path)
+    try:
+        # Written off the response path: within a group commit or two.
+        stored = poll_until(lambda: state.impression(got["recommendation_id"]), 10, "the impression stored")
+    finally:
+        state.close()
+    assert stored.user_id == "u1" and stored.model_version == got["model_tag"]
+    assert list(stored.items) == [i["item_id"] for i in got["items"]] and stored.variant == got["variant"]
+
+
 def test_sdk_client_sends_events(events_server: ServerProcess, local: Recommender) -> None:
     with bentoml.SyncHTTPClient(events_server.url, timeout=30) as client:
         answer = client.events(events=[_event("u-sdk", local.tables.item_ids[0])])
@@ -139,7 +155,7 @@ def test_acknowledged_events_survive_kill_9(trained: TrainResult, bentoml_home: 
         assert _post(server, batch).json()["new"] == 50
     finally:
         server.kill()
-    state = SqliteState(path, OnlineLimits(max_items=200, retention_s=1e9, journal_s=1e9, timeout_s=5))
+    state = _state(path)
     try:
         assert {r.item_id for r in state.recent(user, 200)} == {e["item_id"] for e in batch}
     finally:
@@ -150,5 +166,41 @@ def test_acknowledged_events_survive_kill_9(trained: TrainResult, bentoml_home: 
         assert _post(server, batch).json() == {"new": 0, "duplicates": 50, "unknown_items": []}
         got = httpx.post(f"{server.url}/recommend", json={"user_id": user}, timeout=30).json()
         assert got["history"]["online"] == 50
+    finally:
+        server.stop()
+
+
+def test_a_stopped_redis_is_a_503_with_retry_after_then_recovers(trained: TrainResult, bentoml_home: Path,
+                                                               local: Recommender, tmp_path: Path) -> None:  # fmt: skip
+    redis = start_redis(tmp_path / "redis")
+    server = _serve(trained, bentoml_home, tmp_path / "unused.sqlite3", RECSYS_ONLINE_BACKEND="redis",
+                    RECSYS_REDIS_URL=redis.url, RECSYS_ONLINE_TIMEOUT_S="0.5")  # fmt: skip
+    user, items = f"r-{uuid.uuid4().hex}", local.tables.item_ids[:3].tolist()
+    try:
+        assert _post(server, [_event(user, items[0])]).json()["new"] == 1
+        redis.stop()
+        down = _post(server, [_event(user, items[1])])
+        assert down.status_code == 503 and int(down.headers["retry-after"]) >= 1, down.text
+        assert "unavailable" in down.json()["error"]
+        assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 503
+        # A recommendation does not fail for lack of its freshest part: the trained history.
+        assert httpx.post(f"{server.url}/recommend", json={"user_id": "u1"}, timeout=30).status_code == 200
+        redis = start_redis(tmp_path / "redis", port=redis.port)
+        poll_until(lambda: httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200, 30, "ready again")
+        assert _post(server, [_event(user, items[2])]).json()["new"] == 1
+        got = httpx.post(f"{server.url}/recommend", json={"user_id": user}, timeout=30).json()
+        assert got["history"]["online"] == 2  # the acknowledged ones; the refused one is not there
+    finally:
+        server.stop()
+        redis.stop()
+
+
+def test_events_are_a_404_when_the_online_state_is_off(trained: TrainResult, bentoml_home: Path, tmp_path: Path) -> None:
+    server = _serve(trained, bentoml_home, tmp_path / "unused.sqlite3", RECSYS_ONLINE_BACKEND="off")
+    try:
+        got = _post(server, [_event("u1", "i1")])
+        assert got.status_code == 404 and "RECSYS_ONLINE_BACKEND=off" in got.json()["error"]
+        rec = httpx.post(f"{server.url}/recommend", json={"user_id": "u1"}, timeout=30).json()
+        assert rec["history"]["online"] == 0 and len(rec["recommendation_id"]) == 32
     finally:
         server.stop()
