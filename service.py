@@ -15,6 +15,7 @@ import bentoml
 import numpy as np
 from bentoml.exceptions import BentoMLException, InvalidArgument, ServiceUnavailable
 from pydantic import Field, StrictBool, StrictInt
+from starlette.responses import JSONResponse
 
 import models
 from models.core.ranking import predict_scores
@@ -22,6 +23,8 @@ from models.core.recommender import Recommender
 from models.core.schema import FEATURE_DTYPE, N_FEATURES
 from models.lifecycle.store import ModelCheckError, open_version
 from models.serving.api_schema import (
+    EventIn,
+    EventsResponse,
     ExternalId,
     FeatureRow,
     ModelResponse,
@@ -30,6 +33,7 @@ from models.serving.api_schema import (
     Routing,
     ScoreResponse,
     VersionInfo,
+    event_error,
     feature_matrix,
 )
 from models.serving.batching import JoinedCalls
@@ -47,11 +51,14 @@ from models.serving.bentoml_patches import (
     separate_monitor_logs,
     skip_unexported_tracing,
 )
+from models.serving.events import InvalidEvent
 from models.serving.guard import RequestGuard, TokenGuard
 from models.serving.monitoring import DriftMonitor
+from models.serving.online import BackendUnavailable, make_state
 from models.serving.orchestration import Ranking
 from models.serving.plan import serving_plan
 from models.serving.rankers import RankerPool
+from models.serving.realtime import RealTime, retry_after
 from models.serving.settings import RecsysSettings
 from models.serving.ui import PUBLIC_PATHS as UI_PUBLIC_PATHS
 from models.serving.ui import UI_PATH, ui_app
@@ -196,7 +203,10 @@ class ApiService:
         self.challenger: Variant | None = None
         if cls.challenger_model is not None:
             self.challenger = self._load("challenger", str(cls.challenger_model.tag), "score_challenger")
-        self.ranking = Ranking(settings, self.champion, self.challenger, self._score)
+        # Opened here, in the worker (after the fork): connections must not cross processes.
+        state = make_state(settings)
+        self.realtime = RealTime(settings, state) if state is not None else None
+        self.ranking = Ranking(settings, self.champion, self.challenger, self._score, self.realtime)
         # BentoML sets up its declared dependency (the first URL); the others are set up in
         # the startup hook below, the same way.
         self._more_rankers = [bentoml.depends(RankerService, url=u).get() for u in RANKER_URLS[1:]]
@@ -227,6 +237,23 @@ class ApiService:
         if settings.log_format == "json":
             json_server_logs()
         freeze_startup_heap()
+
+    @bentoml.on_shutdown
+    def close_online_state(self) -> None:
+        """Write the queued impressions, then close the state (events are acknowledged only
+        once durable: none is waiting here)."""
+        if self.realtime is not None:
+            self.realtime.close()
+
+    async def __is_ready__(self) -> bool:
+        """/readyz: not ready while the online state cannot take writes (503)."""
+        if self.realtime is None:
+            return True
+        try:
+            await asyncio.to_thread(self.realtime.health)
+        except BackendUnavailable:
+            return False
+        return True
 
     async def _score(self, variant: Variant, features: np.ndarray) -> np.ndarray:
         if not self._ranker_checked:
@@ -269,6 +296,33 @@ class ApiService:
         """The given items ordered by the ranker's score for this user. Unknown item ids are
         a 400 naming them; an unknown user is ranked without history (cold_start)."""
         return await self.ranking.rank(user_id, item_ids)
+
+    @bentoml.api
+    @documented_limits
+    async def events(
+        self,
+        events: Annotated[list[EventIn], Field(min_length=1, max_length=settings.max_events)],
+    ) -> EventsResponse:
+        """Record what users did; answered once the events are durable. All or nothing: a bad
+        event is a 400 naming its index, field and rule. An event_id seen before is a duplicate
+        and changes nothing (a retry is harmless). Items the served model does not know are
+        stored and listed in `unknown_items`. The user's next /recommend and /rank use them,
+        on any worker. 503 with Retry-After when the online state cannot take them (nothing
+        was stored); 404 when the online state is off (RECSYS_ONLINE_BACKEND=off). With
+        RECSYS_EVENT_KEYS, those keys may call this endpoint and no other."""
+        if self.realtime is None:
+            # 404, not 503: nothing will change on a retry, this deployment takes no events.
+            return JSONResponse({"error": "POST /events is off: the online state is off "  # type: ignore[return-value]
+                                 "(RECSYS_ONLINE_BACKEND=off; sqlite or redis turn it on)"}, status_code=404)
+        try:
+            result, unknown = await self.realtime.accept([e.model_dump() for e in events],
+                                                         self.champion.recommender.knows)  # fmt: skip
+        except InvalidEvent as err:
+            raise event_error(err) from err
+        except BackendUnavailable as err:
+            return JSONResponse({"error": str(err)}, status_code=503,  # type: ignore[return-value]
+                                headers={"retry-after": retry_after(err)})
+        return EventsResponse(new=result.n_new, duplicates=result.n_duplicate, unknown_items=unknown)
 
     @bentoml.api
     @documented_limits
@@ -318,6 +372,7 @@ ApiService.mount_asgi_app(ui_app(lambda: bentoml.get_current_service().ranking),
 ApiService.add_asgi_middleware(
     RequestGuard,
     api_keys=settings.api_key_list(),
+    event_keys=settings.event_key_list(),
     max_body_bytes=settings.max_body_bytes,
     max_in_flight=settings.max_in_flight,
     read_only_paths=READ_ONLY_ROUTES,

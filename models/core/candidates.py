@@ -67,11 +67,26 @@ class UserScores:
         return cls(NeighbourScores.empty(), NeighbourScores.empty())
 
 
-def recent_items(tables: ServingTables, user: int | None, params: CandidateParams) -> np.ndarray:
-    """The user's last `recent_items` items, most recent first (empty for unknown users)."""
-    if user is None:
-        return _EMPTY_I
-    return tables.history(user)[-params.recent_items :][::-1]
+def recent_items(
+    tables: ServingTables, user: int | None, params: CandidateParams, online: np.ndarray | None = None
+) -> np.ndarray:
+    """The user's last `recent_items` items, most recent first (empty for unknown users
+    without online items). `online` (catalog indices, newest first) are what the user did
+    since training: they come first, then the trained history, each item once."""
+    trained = _EMPTY_I if user is None else tables.history(user)[-params.recent_items :][::-1]
+    if online is None or len(online) == 0:
+        return trained
+    merged = np.concatenate((online[: params.recent_items], trained)).astype(np.int32)
+    _, first = np.unique(merged, return_index=True)
+    return merged[np.sort(first)][: params.recent_items]
+
+
+def seen_items(tables: ServingTables, user: int | None, online: np.ndarray | None = None) -> np.ndarray:
+    """Every item the user has: the trained history and the online items (int32)."""
+    trained = _EMPTY_I if user is None else tables.history(user)
+    if online is None or len(online) == 0:
+        return trained
+    return np.concatenate((trained, online)).astype(np.int32)
 
 
 def gather_neighbours(
@@ -149,9 +164,11 @@ def ease_scores(tables: ServingTables, recent: np.ndarray) -> NeighbourScores:
     return NeighbourScores(items.astype(np.int32), score, rank, order, _EMPTY_F, _EMPTY_F)
 
 
-def user_scores(tables: ServingTables, user: int | None, params: CandidateParams) -> UserScores:
-    """Both neighbour sources for one user (empty for an unknown user)."""
-    recent = recent_items(tables, user, params)
+def user_scores(
+    tables: ServingTables, user: int | None, params: CandidateParams, online: np.ndarray | None = None
+) -> UserScores:
+    """Both neighbour sources for one user (empty for an unknown user without online items)."""
+    recent = recent_items(tables, user, params, online)
     return UserScores(cooc_scores(tables, recent, params), ease_scores(tables, recent))
 
 
@@ -175,14 +192,15 @@ def candidates_by_source(
     user: int | None,
     params: CandidateParams,
     exclude_seen: bool = True,
+    online: np.ndarray | None = None,
 ) -> Candidates:
     """Up to n_cooc co-occurrence candidates, up to n_ease EASE candidates not among them and
-    up to n_pop popular items not among either; items the user has are left out when
-    `exclude_seen`."""
-    scores = user_scores(tables, user, params)
+    up to n_pop popular items not among either; items the user has (trained history and
+    `online` items, see recent_items) are left out when `exclude_seen`."""
+    scores = user_scores(tables, user, params, online)
     taken = np.zeros(tables.n_items, dtype=bool)
-    if exclude_seen and user is not None:
-        taken[tables.history(user)] = True
+    if exclude_seen:
+        taken[seen_items(tables, user, online)] = True
     counts = (params.n_cooc, params.n_ease, params.n_pop)
     from_cooc, from_ease, from_pop = take_by_source(tables, scores, counts, taken)
     return Candidates(from_cooc, from_ease, from_pop, scores)

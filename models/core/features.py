@@ -9,7 +9,7 @@ import numpy as np
 
 from models.core.candidates import UserScores
 from models.core.schema import FEATURE_DTYPE, FEATURE_INDEX, ITEM_FEATURES, N_FEATURES, USER_FEATURES
-from models.core.tables import UNKNOWN_YEAR, ServingTables
+from models.core.tables import UNKNOWN_YEAR, ServingTables, user_profiles
 
 _USER_COLS = [FEATURE_INDEX[n] for n in USER_FEATURES]
 _ITEM_COLS = [FEATURE_INDEX[n] for n in ITEM_FEATURES]
@@ -20,14 +20,35 @@ _UNKNOWN_USER[USER_FEATURES.index("user_mean_year")] = UNKNOWN_YEAR
 RANK_NONE = 1000.0
 
 
+_LOG_POP = ITEM_FEATURES.index("item_log_pop")
+_YEAR = ITEM_FEATURES.index("item_year")
+
+
+def user_profile(tables: ServingTables, user: int | None, online: np.ndarray | None = None,
+                 ) -> tuple[np.ndarray, np.ndarray] | None:  # fmt: skip
+    """The user's feature row and genre profile: the trained ones when there are no online
+    items, else computed from the merged history (trained items, then `online`) as training
+    computes them (tables.user_profiles). None for a user with no history at all."""
+    if online is None or len(online) == 0:
+        return None if user is None else (tables.user_feats[user], tables.user_genre[user])
+    trained = tables.history(user) if user is not None else np.zeros(0, dtype=np.int32)
+    items = np.concatenate((trained, online)).astype(np.intp)
+    feats, genre = user_profiles(np.zeros(len(items), dtype=np.intp), items, 1, tables.item_feats[:, _LOG_POP],
+                                 tables.item_feats[:, _YEAR], tables.item_genre)  # fmt: skip
+    return feats[0], genre[0]
+
+
 def build_features(
-    tables: ServingTables, user: int | None, items: np.ndarray, scores: UserScores
+    tables: ServingTables, user: int | None, items: np.ndarray, scores: UserScores,
+    online: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Features of `items` for `user` (None: a user with no history) in schema order;
-    `scores` are the user's neighbour scores from candidate generation."""
+    """Features of `items` for `user` (None: a user with no trained history) in schema
+    order; `scores` are the user's neighbour scores from candidate generation, `online` the
+    user's items since training (catalog indices), merged into the user features."""
     n = len(items)
     out = np.empty((n, N_FEATURES), dtype=FEATURE_DTYPE)
-    user_row = tables.user_feats[user] if user is not None else _UNKNOWN_USER
+    profile = user_profile(tables, user, online)
+    user_row = profile[0] if profile is not None else _UNKNOWN_USER
     out[:, _USER_COLS] = user_row
     item_rows = tables.item_feats[items]
     out[:, _ITEM_COLS] = item_rows
@@ -52,8 +73,8 @@ def build_features(
         out[:, FEATURE_INDEX["ease_rank"]] = RANK_NONE
     out[:, FEATURE_INDEX["pop_rank"]] = np.log1p(tables.pop_rank[items])
 
-    if user is not None:
-        out[:, FEATURE_INDEX["genre_affinity"]] = tables.item_genre[items] @ tables.user_genre[user]
+    if profile is not None:
+        out[:, FEATURE_INDEX["genre_affinity"]] = tables.item_genre[items] @ profile[1]
     else:
         out[:, FEATURE_INDEX["genre_affinity"]] = 0.0
     item_year = item_rows[:, ITEM_FEATURES.index("item_year")]

@@ -71,15 +71,28 @@ class Recommender:
             raise UnknownItemsError(list(dict.fromkeys(unknown)))
         return np.asarray(idx, dtype=np.int32)
 
-    def prepare_recommend(self, user: int, exclude_seen: bool) -> Prepared:
-        candidates = candidates_by_source(self.tables, user, self.params, exclude_seen)
+    def knows(self, item_id: str) -> bool:
+        return item_id in self._item_index
+
+    def known_items(self, item_ids: list[str]) -> np.ndarray:
+        """The catalog indices of the ids the model knows, in order, each once (int32):
+        online items the model was not trained on are stored, not used."""
+        idx = [self._item_index.get(i, -1) for i in dict.fromkeys(item_ids)]
+        return np.asarray([i for i in idx if i >= 0], dtype=np.int32)
+
+    def trained_count(self, user: int | None) -> int:
+        return 0 if user is None else len(self.tables.history(user))
+
+    def prepare_recommend(self, user: int | None, exclude_seen: bool, online: np.ndarray | None = None) -> Prepared:
+        """`online`: the user's items since training (known_items, newest first)."""
+        candidates = candidates_by_source(self.tables, user, self.params, exclude_seen, online)
         items = candidates.items
-        features = build_features(self.tables, user, items, candidates.scores)
+        features = build_features(self.tables, user, items, candidates.scores, online)
         return Prepared(user, items, features, len(candidates.cooc), len(candidates.ease))
 
-    def prepare_rank(self, user: int | None, items: np.ndarray) -> Prepared:
-        scores = user_scores(self.tables, user, self.params)
-        return Prepared(user, items, build_features(self.tables, user, items, scores))
+    def prepare_rank(self, user: int | None, items: np.ndarray, online: np.ndarray | None = None) -> Prepared:
+        scores = user_scores(self.tables, user, self.params, online)
+        return Prepared(user, items, build_features(self.tables, user, items, scores, online))
 
     def popular(self, k: int) -> np.ndarray:
         return self.tables.pop_order[:k]

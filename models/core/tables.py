@@ -193,6 +193,30 @@ def popularity(
     return count, recent, pop_order, pop_rank
 
 
+def user_profiles(
+    user: np.ndarray, item: np.ndarray, n_users: int, item_log_pop: np.ndarray, item_year: np.ndarray,
+    item_genre: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per user, the user features (USER_FEATURES order, float32 (n_users, 3)) and the unit
+    genre profile (float32 (n_users, G)) of the interactions (user[j], item[j]). Training
+    calls it on the whole log, serving on one merged history (user all 0, n_users 1), so the
+    two compute them alike. `item_log_pop` and `item_year` are per catalog item."""
+    user_count = np.bincount(user, minlength=n_users).astype(np.float64)
+    years = item_year.astype(np.float64)
+    known_year = years[item] >= 0
+    user_year = _per_user_mean(user[known_year], years[item][known_year], n_users, UNKNOWN_YEAR)
+    user_pop = _per_user_mean(user, item_log_pop.astype(np.float64)[item], n_users, 0.0)
+    user_feats = np.column_stack([np.log1p(user_count), user_pop, user_year]).astype(np.float32)
+    user_genre = np.zeros((n_users, item_genre.shape[1]), dtype=np.float32)
+    # Add genre rows per user in chunks: one (rows, G) temporary at a time, not the whole log.
+    chunk = 1_000_000
+    for start in range(0, len(user), chunk):
+        np.add.at(user_genre, user[start : start + chunk], item_genre[item[start : start + chunk]])
+    norms = np.linalg.norm(user_genre, axis=1, keepdims=True)
+    user_genre = np.divide(user_genre, norms, out=np.zeros_like(user_genre), where=norms > 0)
+    return user_feats, user_genre
+
+
 def build_tables(
     history: InteractionLog, catalog: ItemCatalog, genre_names: list[str], params: CandidateParams,
     user_history: InteractionLog | None = None,
@@ -215,19 +239,8 @@ def build_tables(
 
     user, item = users_log.user, users_log.item
     user_count = np.bincount(user, minlength=n_users).astype(np.float64)
-    known_year = years[item] >= 0
-    user_year = _per_user_mean(user[known_year], years[item][known_year], n_users, UNKNOWN_YEAR)
-    user_pop = _per_user_mean(user, np.log1p(count[item]), n_users, 0.0)
-    user_feats = np.column_stack([np.log1p(user_count), user_pop, user_year])
-
     item_genre = catalog.genre_matrix(genre_names)
-    user_genre = np.zeros((n_users, item_genre.shape[1]), dtype=np.float32)
-    # Add genre rows per user in chunks: one (rows, G) temporary at a time, not the whole log.
-    chunk = 1_000_000
-    for start in range(0, len(user), chunk):
-        np.add.at(user_genre, user[start : start + chunk], item_genre[item[start : start + chunk]])
-    norms = np.linalg.norm(user_genre, axis=1, keepdims=True)
-    user_genre = np.divide(user_genre, norms, out=np.zeros_like(user_genre), where=norms > 0)
+    user_feats, user_genre = user_profiles(user, item, n_users, np.log1p(count), years, item_genre)
 
     hist_indptr = np.concatenate(([0], np.cumsum(user_count.astype(np.int64)))).astype(np.int64)
     cooc_indptr, cooc_items, cooc_scores = build_cooc_index(history, n_items, params)
@@ -241,7 +254,7 @@ def build_tables(
         pop_order=pop_order,
         pop_rank=pop_rank,
         user_ids=users_log.user_ids,
-        user_feats=user_feats.astype(np.float32),
+        user_feats=user_feats,
         user_genre=user_genre,
         hist_indptr=hist_indptr,
         hist_items=item.astype(np.int32),

@@ -7,7 +7,7 @@ OpenAPI document (`/docs.json`) shows every limit.
 from __future__ import annotations
 
 import operator
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import (
@@ -23,7 +23,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError, ValidationError
 
 from models.core.candidates import CandidateSource
 from models.core.schema import FEATURE_DTYPE, FEATURE_NAMES, FEATURES, N_FEATURES
-from models.serving.events import MAX_ID_CHARS
+from models.serving.events import EVENT_TYPES, MAX_ID_CHARS, InvalidEvent
 
 # Ids are JSON strings, also where a dataset's ids are numbers ("318", not 318): one type,
 # documented as it is validated (BentoML's OpenAPI keeps only the first member of a union).
@@ -51,11 +51,23 @@ class RecommendedItem(BaseModel):
 VARIANT_DESCRIPTION = "Which served version ranked it: champion or challenger."
 
 
+RECOMMENDATION_ID_DESCRIPTION = ("The id this response's items are stored under (a uuid4 hex): send it "
+                                 "with the events that follow from it (POST /events, recommendation_id).")
+
+
+class HistoryInfo(BaseModel):
+    trained: int = Field(description="Items of the user's history at training time.")
+    online: int = Field(description="Items of the user's online events since (known to the model), "
+                        "used with the trained ones.")
+
+
 class RecommendResponse(BaseModel):
     user_id: str
     items: list[RecommendedItem]
     model_tag: str
     variant: str = Field(description=VARIANT_DESCRIPTION)
+    recommendation_id: str = Field(description=RECOMMENDATION_ID_DESCRIPTION)
+    history: HistoryInfo
     fallback: bool = Field(description="True when the ranker did not answer (cold start).")
     fallback_reason: str | None = None
 
@@ -65,7 +77,45 @@ class RankResponse(BaseModel):
     items: list[RecommendedItem]
     model_tag: str
     variant: str = Field(description=VARIANT_DESCRIPTION)
-    cold_start: bool = Field(description="True when the user is unknown: no history was used.")
+    cold_start: bool = Field(description="True when the user has no history: neither trained nor online.")
+    recommendation_id: str = Field(description=RECOMMENDATION_ID_DESCRIPTION)
+    history: HistoryInfo
+
+
+NonNegativeFiniteFloat = Annotated[float, Strict(), AllowInfNan(False), Field(ge=0)]
+FiniteFloat = Annotated[float, Strict(), AllowInfNan(False)]
+
+
+class EventIn(BaseModel):
+    """One thing a user did (models/serving/events.py checks the rest: a rating needs a
+    value, a timestamp at most RECSYS_EVENT_MAX_FUTURE_S ahead of the server's clock)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    event_id: ExternalId = Field(description="Chosen by the client: a retry with the same id changes nothing.")
+    user_id: ExternalId
+    item_id: ExternalId
+    type: Literal[EVENT_TYPES] = Field(description="What the user did.")  # type: ignore[valid-type]
+    timestamp: NonNegativeFiniteFloat | None = Field(
+        None, description="Epoch seconds (UTC); default: the server's time.")
+    value: FiniteFloat | None = Field(None, description="The rating of a 'rating' event (required there).")
+    recommendation_id: ExternalId | None = Field(None, description="The response the event came from.")
+
+
+class EventsResponse(BaseModel):
+    new: int = Field(description="Events stored by this request.")
+    duplicates: int = Field(description="Events whose event_id was seen before: they changed nothing.")
+    unknown_items: list[str] = Field(
+        description="Item ids the served model does not know: stored and counted, not used for candidates.")
+
+
+def event_error(err: InvalidEvent) -> ValidationError:
+    """A 400 for a bad event, located at events.<index>.<field> like pydantic's own."""
+    loc: tuple[str | int, ...] = ("events",) if err.index is None else ("events", err.index, err.field)
+    detail = InitErrorDetails(
+        type=PydanticCustomError("invalid_event", "{reason}", {"reason": str(err)}), loc=loc, input=None
+    )
+    return ValidationError.from_exception_data("Input", [detail])
 
 
 class ScoreResponse(BaseModel):

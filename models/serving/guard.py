@@ -30,7 +30,7 @@ async def _refuse(send: Send, scope: Scope, status: int, error: str, headers: di
     await _reply(send, status, error, headers)
 
 
-_RULES = {401: "missing or invalid API key", 413: "body over RECSYS_MAX_BODY_BYTES", 415: "not JSON"}
+_RULES = {401: "missing or invalid API key", 403: "event key outside POST /events", 413: "body over RECSYS_MAX_BODY_BYTES", 415: "not JSON"}
 
 
 async def _reply(send: Send, status: int, error: str, headers: dict[str, str] | None = None) -> None:
@@ -69,13 +69,19 @@ def _allowing_get(send: Send) -> Send:
 
 class RequestGuard:
     """401 without a valid `Authorization: Bearer <key>` (when keys are set; `public_paths`
-    excepted), 415 for a body that is not JSON, 413 for bodies over `max_body_bytes`, 503
+    excepted), 403 for an event key outside POST `event_paths`, 415 for a body that is not JSON, 413 for bodies over `max_body_bytes`, 503
     when `max_in_flight` requests are already being served, and Retry-After on every 503."""
 
     def __init__(self, app: ASGIApp, api_keys: list[str], max_body_bytes: int, max_in_flight: int,
                  read_only_paths: frozenset[str] = frozenset(),
-                 public_paths: frozenset[str] = frozenset()) -> None:  # fmt: skip
+                 public_paths: frozenset[str] = frozenset(),
+                 event_keys: list[str] | None = None,
+                 event_paths: frozenset[str] = frozenset({"/events"})) -> None:  # fmt: skip
         self.app = app
+        # Keys that may only POST to `event_paths` (RECSYS_EVENT_KEYS): a front end that
+        # reports clicks holds one, and cannot read recommendations or models with it.
+        self._event_keys = [k.encode() for k in event_keys or []]
+        self.event_paths = event_paths
         # APIs that read and change nothing answer GET too: BentoML routes APIs as POST only,
         # so a GET there is passed on as a POST with no body.
         self.read_only_paths = read_only_paths
@@ -86,15 +92,24 @@ class RequestGuard:
         self.max_in_flight = max_in_flight
         self._in_flight = 0
 
-    def _authorized(self, scope: Scope) -> bool:
+    def _authorized(self, scope: Scope) -> int | None:
+        """None if the request may pass, else the status to refuse it with (401, 403)."""
         if not self._keys or scope["path"] in self.public_paths:
-            return True
+            return None
         for name, value in scope.get("headers", []):
             if name == b"authorization" and value[:7].lower() == b"bearer ":
                 given = value[7:].strip()
-                # compare_digest against every key: the time taken says nothing about a key.
-                return any([hmac.compare_digest(given, key) for key in self._keys])
-        return False
+                # compare_digest against every key (a list, not a short-circuit): the time
+                # taken says nothing about a key.
+                api = [hmac.compare_digest(given, key) for key in self._keys]
+                event = [hmac.compare_digest(given, key) for key in self._event_keys]
+                if any(api):
+                    return None
+                if any(event):
+                    events = scope["path"] in self.event_paths and scope.get("method") == "POST"
+                    return None if events else 403
+                return 401
+        return 401
 
     @staticmethod
     def _content_type(scope: Scope) -> bytes | None:
@@ -120,7 +135,11 @@ class RequestGuard:
             send = _allowing_get(send)
             if scope.get("method") == "GET":
                 scope = {**scope, "method": "POST"}
-        if not self._authorized(scope):
+        refused = self._authorized(scope)
+        if refused == 403:
+            await _refuse(send, scope, 403, "this key may only POST /events (RECSYS_EVENT_KEYS)")
+            return
+        if refused is not None:
             await _refuse(send, scope, 401, "missing or invalid API key; send the header "
                          "'Authorization: Bearer <key>'", {"www-authenticate": "Bearer"})  # fmt: skip
             return

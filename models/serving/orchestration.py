@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -18,8 +19,9 @@ from pydantic import ValidationError
 
 from models.core.recommender import UnknownItemsError
 from models.core.schema import FEATURE_DTYPE, N_FEATURES
-from models.serving.api_schema import RankResponse, RecommendResponse, input_error
+from models.serving.api_schema import HistoryInfo, RankResponse, RecommendResponse, input_error
 from models.serving.rankers import RANKER_FAILURES
+from models.serving.realtime import RealTime, impression_of
 from models.serving.settings import RecsysSettings
 from models.serving.variants import TrafficLog, Variant, routes_to_challenger
 
@@ -37,8 +39,9 @@ class Ranking:
     """One per API worker."""
 
     def __init__(self, settings: RecsysSettings, champion: Variant, challenger: Variant | None,
-                 score: ScoreFn) -> None:  # fmt: skip
+                 score: ScoreFn, realtime: RealTime | None = None) -> None:  # fmt: skip
         self.settings = settings
+        self.realtime = realtime  # None: the online state is off (trained histories only)
         self.champion = champion
         self.challenger = challenger
         self.score = score
@@ -60,10 +63,25 @@ class Ranking:
             return self.challenger
         return self.champion
 
+    async def _online(self, user_id: str) -> list[str]:
+        """The user's online items (newest first); none when the state is off or unreadable."""
+        if self.realtime is None:
+            return []
+        return await self.realtime.recent_item_ids(user_id) or []
+
+    def _record(self, response: Ranked) -> None:
+        if self.realtime is not None:
+            variant = "fallback" if getattr(response, "fallback", False) else response.variant
+            self.realtime.record(impression_of(response.recommendation_id, response.user_id,
+                                               [i.item_id for i in response.items], response.model_tag, variant))  # fmt: skip
+
     async def recommend(self, user_id: str, k: int, exclude_seen: bool) -> RecommendResponse:
-        response = await self._recommend(self.variant_for(user_id), user_id, k, exclude_seen)
+        online = await self._online(user_id)
+        response = await self._recommend(self.variant_for(user_id), user_id, k, exclude_seen, online)
+        self._record(response)
         if self.challenger is not None and self.mode == "shadow":
-            self._shadow("recommend", user_id, response, self._recommend(self.challenger, user_id, k, exclude_seen, shadow=True))
+            self._shadow("recommend", user_id, response,
+                         self._recommend(self.challenger, user_id, k, exclude_seen, online, shadow=True))  # fmt: skip
         return response
 
     async def rank(self, user_id: str, item_ids: list[str]) -> RankResponse:
@@ -71,34 +89,42 @@ class Ranking:
         if duplicates:
             raise input_error("item_ids", "duplicate_item_ids",
                               f"item_ids: duplicate ids {duplicates[:20]} (rule: each id at most once)")  # fmt: skip
-        response = await self._rank(self.variant_for(user_id), user_id, item_ids)
+        online = await self._online(user_id)
+        response = await self._rank(self.variant_for(user_id), user_id, item_ids, online)
+        self._record(response)
         if self.challenger is not None and self.mode == "shadow":
-            self._shadow("rank", user_id, response, self._rank(self.challenger, user_id, item_ids, shadow=True))
+            self._shadow("rank", user_id, response, self._rank(self.challenger, user_id, item_ids, online, shadow=True))
         return response
 
     async def _recommend(self, variant: Variant, user_id: str, k: int, exclude_seen: bool,
-                         shadow: bool = False) -> RecommendResponse:  # fmt: skip
+                         online_ids: list[str], shadow: bool = False) -> RecommendResponse:  # fmt: skip
+        """`online_ids`: the user's online items, newest first; with any the model knows, a
+        user unknown at training time is a known user (no popularity fallback)."""
         start = time.perf_counter()
         rec = variant.recommender
         user = rec.user_index(user_id)
-        if user is None:
+        online = rec.known_items(online_ids)
+        cold = user is None and len(online) == 0
+        if cold:
             variant.drift.observe(NO_ROWS, NO_SCORES, cold=True, endpoint="recommend")
             items = rec.popular_described(k)
             reason: str | None = "unknown user: most popular items"
         else:
-            prepared = rec.prepare_recommend(user, exclude_seen)
+            prepared = rec.prepare_recommend(user, exclude_seen, online)
             scores = await self.score(variant, prepared.features)
             variant.drift.observe(prepared.features, scores, cold=False, endpoint="recommend")
             items, reason = rec.ranked(prepared, scores, k), None
-        if user is None and not shadow:
+        if cold and not shadow:
             self.traffic.fallback("recommend", variant.tag)
         self._served("recommend", variant, shadow, start, {"user_id": user_id, "k": k, "exclude_seen": exclude_seen}, items)
         return RecommendResponse(
             user_id=user_id, items=items, model_tag=variant.tag, variant=variant.role,
-            fallback=user is None, fallback_reason=reason,
+            recommendation_id=uuid.uuid4().hex, history=HistoryInfo(trained=rec.trained_count(user), online=len(online)),
+            fallback=cold, fallback_reason=reason,
         )  # fmt: skip
 
-    async def _rank(self, variant: Variant, user_id: str, item_ids: list[str], shadow: bool = False) -> RankResponse:
+    async def _rank(self, variant: Variant, user_id: str, item_ids: list[str], online_ids: list[str],
+                    shadow: bool = False) -> RankResponse:  # fmt: skip
         start = time.perf_counter()
         rec = variant.recommender
         try:
@@ -106,15 +132,18 @@ class Ranking:
         except UnknownItemsError as err:
             raise input_error("item_ids", "unknown_item_ids", str(err)) from err
         user = rec.user_index(user_id)
-        prepared = rec.prepare_rank(user, items)
+        online = rec.known_items(online_ids)
+        cold = user is None and len(online) == 0
+        prepared = rec.prepare_rank(user, items, online)
         scores = await self.score(variant, prepared.features)
-        variant.drift.observe(prepared.features, scores, cold=user is None, endpoint="rank")
+        variant.drift.observe(prepared.features, scores, cold=cold, endpoint="rank")
         ranked = rec.ranked(prepared, scores, len(items))
-        if user is None and not shadow:
+        if cold and not shadow:
             self.traffic.fallback("rank", variant.tag)
         self._served("rank", variant, shadow, start, {"user_id": user_id, "item_ids": item_ids}, ranked)
         return RankResponse(
-            user_id=user_id, items=ranked, model_tag=variant.tag, variant=variant.role, cold_start=user is None,
+            user_id=user_id, items=ranked, model_tag=variant.tag, variant=variant.role, cold_start=cold,
+            recommendation_id=uuid.uuid4().hex, history=HistoryInfo(trained=rec.trained_count(user), online=len(online)),
         )  # fmt: skip
 
     def _served(self, endpoint: str, variant: Variant, shadow: bool, start: float,

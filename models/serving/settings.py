@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.lifecycle.store import DEFAULT_MODEL_NAME
@@ -153,6 +153,11 @@ class RecsysSettings(BaseSettings):
         description="Comma-separated API keys; when set, every endpoint but the health and "
         "readiness probes needs 'Authorization: Bearer <key>'.",
     )
+    event_keys: SecretStr | None = Field(
+        None,
+        description="Comma-separated keys that may only POST /events (for a front end that "
+        "reports clicks); other endpoints refuse them with a 403. Needs RECSYS_API_KEYS.",
+    )
 
     # Drift monitoring (models/core/drift.py).
     drift_enabled: bool = Field(True, description="Count served rows for /drift and the PSI gauges.")
@@ -236,6 +241,21 @@ class RecsysSettings(BaseSettings):
         return [u.strip().rstrip("/") for u in (self.ranker_urls or "").split(",") if u.strip()]
 
     def api_key_list(self) -> list[str]:
-        if self.api_keys is None:
-            return []
-        return [k.strip() for k in self.api_keys.get_secret_value().split(",") if k.strip()]
+        return _keys(self.api_keys)
+
+    def event_key_list(self) -> list[str]:
+        return _keys(self.event_keys)
+
+    @model_validator(mode="after")
+    def _event_keys_need_api_keys(self) -> RecsysSettings:
+        # Without API keys every endpoint is open: keys limited to /events would limit nothing.
+        if self.event_key_list() and not self.api_key_list():
+            raise ValueError("event_keys (RECSYS_EVENT_KEYS) is set but api_keys (RECSYS_API_KEYS) is not: "
+                             "event keys only narrow access when API keys are required")  # fmt: skip
+        return self
+
+
+def _keys(value: SecretStr | None) -> list[str]:
+    if value is None:
+        return []
+    return [k.strip() for k in value.get_secret_value().split(",") if k.strip()]

@@ -59,6 +59,25 @@ def test_api_keys(headers: dict[str, str], status: int) -> None:
         assert "Authorization: Bearer" in json.loads(body)["error"]
 
 
+@pytest.mark.parametrize(
+    ("key", "path", "status"),
+    [
+        ("events1", "/events", 200),
+        ("events1", "/recommend", 403),
+        ("events1", "/model", 403),
+        ("key1", "/events", 200),
+        ("key1", "/recommend", 200),
+        ("wrong", "/events", 401),
+    ],
+)
+def test_event_keys_may_only_post_events(key: str, path: str, status: int) -> None:
+    guard = RequestGuard(echo_app, api_keys=["key1"], max_body_bytes=100, max_in_flight=10, event_keys=["events1"])
+    got, body = call(guard, path, {"Authorization": f"Bearer {key}"}, [b"{}"])
+    assert got == status
+    if status == 403:
+        assert "only POST /events" in json.loads(body)["error"]
+
+
 @pytest.mark.parametrize("path", ["/healthz", "/livez", "/readyz"])
 def test_probes_need_no_key(path: str) -> None:
     assert call(make(["key1"]), path, {}, [b""])[0] == 200

@@ -1,0 +1,138 @@
+"""The API's real-time path, one per API worker: `POST /events` (checked all or nothing,
+durable through the group-commit writer before the answer), the user's online items that
+/recommend and /rank merge with the trained history, and the impression of each response.
+
+The state is opened in the worker (after the fork: a SQLite connection or a Redis client must
+not cross one). Every state call leaves the event loop (base.py: they block).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import bentoml
+
+from models.serving.events import Impression, parse_events
+from models.serving.online import BackendUnavailable, GroupCommitWriter, OnlineState, WriteResult
+from models.serving.settings import RecsysSettings
+
+log = logging.getLogger("recsys.online")
+
+
+@functools.cache
+def _metrics() -> dict[str, Any]:
+    """Created once per process (a second registration of a name is an error)."""
+    return {
+        "events": bentoml.metrics.Counter(
+            name="recsys_events_total",
+            documentation="Events accepted by POST /events, by outcome (new, duplicate, unknown_item)",
+            labelnames=["outcome"],
+        ),
+        "failures": bentoml.metrics.Counter(
+            name="recsys_online_failures_total",
+            documentation="Online-state operations that failed, by operation (events: the request "
+            "was a 503; read: /recommend or /rank used the trained history alone; impression: the "
+            "response was sent, its impression not stored) and reason",
+            labelnames=["operation", "reason"],
+        ),
+    }
+
+
+def retry_after(err: BackendUnavailable) -> str:
+    """The Retry-After header (whole seconds, at least 1) of a 503 for this error."""
+    return str(max(1, math.ceil(err.retry_after_s)))
+
+
+class RealTime:
+    """The online state of one API worker and its two writers (events, impressions)."""
+
+    def __init__(self, settings: RecsysSettings, state: OnlineState) -> None:
+        self.settings = settings
+        self.state = state
+        self.events = GroupCommitWriter(state, settings.max_events, "events")
+        self.impressions = GroupCommitWriter(state, settings.max_events, "impressions")
+        # Impressions are written off the response path; bounded, so that a slow backend
+        # cannot pile them up in memory (beyond the bound they are dropped and counted).
+        self._max_pending = settings.max_in_flight
+        self._pending = 0
+        self._failures_logged: set[str] = set()
+
+    async def accept(self, rows: Sequence[dict[str, Any]], known: Callable[[str], bool]) -> tuple[WriteResult, list[str]]:
+        """Check the batch (InvalidEvent names the index, field and rule), make it durable,
+        and return the write result and the items `known` does not know (each once). Raises
+        BackendUnavailable when the state cannot take it (nothing was acknowledged)."""
+        events = parse_events(rows, time.time(), self.settings.max_events, self.settings.event_max_future_s)
+        try:
+            result = await self.events.submit(events)
+        except BackendUnavailable as err:
+            self._failed("events", err)
+            raise
+        unknown = list(dict.fromkeys(e.item_id for e in events if not known(e.item_id)))
+        m = _metrics()["events"]
+        m.labels(outcome="new").inc(result.n_new)
+        m.labels(outcome="duplicate").inc(result.n_duplicate)
+        m.labels(outcome="unknown_item").inc(sum(not known(e.item_id) for e in events))
+        return result, unknown
+
+    async def recent_item_ids(self, user_id: str) -> list[str] | None:
+        """The user's online items, newest first (each once); None when the state cannot be
+        read now: the request then uses the trained history alone (counted, logged once per
+        reason) rather than failing a recommendation for lack of its freshest part."""
+        try:
+            recent = await asyncio.to_thread(self.state.recent, user_id, self.settings.online_max_items)
+        except BackendUnavailable as err:
+            self._failed("read", err)
+            return None
+        return list(dict.fromkeys(r.item_id for r in recent))
+
+    def record(self, impression: Impression) -> None:
+        """Store what a response showed, without holding the response: a click can only
+        follow once the client has the response, by which time the group commit (a few ms)
+        is done. A failed write is counted (recsys_online_failures_total{operation=impression})."""
+        if self._pending >= self._max_pending:
+            self._count_failure("impression", "overflow")
+            return
+        self._pending += 1
+        future = self.impressions.write_future([impression])
+        loop = asyncio.get_running_loop()
+        future.add_done_callback(lambda f: loop.call_soon_threadsafe(self._recorded, f))
+
+    def _recorded(self, future: concurrent.futures.Future[WriteResult]) -> None:
+        self._pending -= 1
+        err = future.exception()
+        if isinstance(err, BackendUnavailable):
+            self._failed("impression", err)
+        elif err is not None:
+            self._count_failure("impression", type(err).__name__)
+            log.error("impression write failed: %r", err, exc_info=err)
+
+    def health(self) -> None:
+        self.state.health()
+
+    def _failed(self, operation: str, err: BackendUnavailable) -> None:
+        self._count_failure(operation, "unavailable")
+        if operation not in self._failures_logged:
+            self._failures_logged.add(operation)
+            log.warning("online state %s failed: %s (logged once per operation; all counted in "
+                        "recsys_online_failures_total)", operation, err)  # fmt: skip
+
+    @staticmethod
+    def _count_failure(operation: str, reason: str) -> None:
+        _metrics()["failures"].labels(operation=operation, reason=reason).inc()
+
+    def close(self) -> None:
+        self.events.close()
+        self.impressions.close()
+        self.state.close()
+
+
+def impression_of(recommendation_id: str, user_id: str, items: Sequence[str], model_tag: str,
+                  variant: str) -> Impression:  # fmt: skip
+    return Impression(recommendation_id, user_id, tuple(items), model_tag, variant, time.time())

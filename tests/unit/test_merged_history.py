@@ -1,0 +1,88 @@
+"""The merged history of serving: the trained history plus the items a user's online events
+named since training (models/core candidates, features, tables.user_profiles)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.core.candidates import candidates_by_source, recent_items, user_scores
+from models.core.features import build_features, user_profile
+from models.core.params import CandidateParams
+from models.core.schema import FEATURE_INDEX, ITEM_FEATURES
+from models.core.tables import ServingTables, user_profiles
+
+
+def _online(tables: ServingTables, user: int | None, n: int) -> np.ndarray:
+    """n items the user does not have yet, newest first."""
+    seen = set() if user is None else set(tables.history(user).tolist())
+    return np.asarray([i for i in tables.pop_order.tolist() if i not in seen][:n], dtype=np.int32)
+
+
+def test_no_online_items_change_nothing(tables: ServingTables, params: CandidateParams) -> None:
+    user = 0
+    for online in (None, np.zeros(0, dtype=np.int32)):
+        assert np.array_equal(recent_items(tables, user, params, online), recent_items(tables, user, params))
+        got = candidates_by_source(tables, user, params, True, online)
+        assert np.array_equal(got.items, candidates_by_source(tables, user, params, True).items)
+
+
+@pytest.mark.parametrize("user", [0, None], ids=["trained user", "new user"])
+@pytest.mark.parametrize("n_online", [1, 3])
+def test_online_items_come_first_and_are_excluded(
+    tables: ServingTables, params: CandidateParams, user: int | None, n_online: int
+) -> None:
+    online = _online(tables, user, n_online)
+    recent = recent_items(tables, user, params, online)
+    assert recent[:n_online].tolist() == online.tolist()
+    assert len(recent) == len(set(recent.tolist())) <= params.recent_items
+    if user is not None:
+        trained = [i for i in tables.history(user)[::-1].tolist() if i not in set(online.tolist())]
+        assert recent[n_online:].tolist() == list(dict.fromkeys(trained))[: params.recent_items - n_online]
+    candidates = candidates_by_source(tables, user, params, True, online)
+    assert not set(candidates.items.tolist()) & set(online.tolist())
+    # The online items seed the neighbour sources: a new user gets co-occurrence candidates.
+    assert len(user_scores(tables, user, params, online).cooc.items) > 0
+    assert len(candidates.cooc) > 0
+
+
+def test_a_repeated_item_counts_once_in_recent(tables: ServingTables, params: CandidateParams) -> None:
+    user = 0
+    last = int(tables.history(user)[-1])
+    recent = recent_items(tables, user, params, np.asarray([last], dtype=np.int32))
+    assert recent.tolist().count(last) == 1 and recent[0] == last
+
+
+@pytest.mark.parametrize("user", range(3))
+def test_profile_without_online_items_is_the_trained_row(tables: ServingTables, user: int) -> None:
+    feats, genre = user_profile(tables, user)  # type: ignore[misc]
+    assert np.array_equal(feats, tables.user_feats[user]) and np.array_equal(genre, tables.user_genre[user])
+
+
+@pytest.mark.parametrize("user", range(3))
+def test_merged_profile_is_computed_as_training_computes_it(tables: ServingTables, user: int) -> None:
+    """The merged history's row equals the row user_profiles gives the same interactions,
+    and with one trained item moved to 'online' it is the trained row itself."""
+    history = tables.history(user)
+    feats, genre = user_profile(tables, user, history[-1:])  # type: ignore[misc]
+    items = np.concatenate((history, history[-1:]))
+    log_pop = tables.item_feats[:, ITEM_FEATURES.index("item_log_pop")]
+    year = tables.item_feats[:, ITEM_FEATURES.index("item_year")]
+    want_feats, want_genre = user_profiles(np.zeros(len(items), dtype=np.intp), items, 1, log_pop, year,
+                                           tables.item_genre)  # fmt: skip
+    np.testing.assert_allclose(feats, want_feats[0], rtol=1e-6)
+    np.testing.assert_allclose(genre, want_genre[0], rtol=1e-6)
+    # One more interaction: the count feature grows, as training would count it.
+    assert feats[0] == pytest.approx(np.log1p(len(history) + 1), rel=1e-6)
+    assert feats[0] > tables.user_feats[user][0]
+
+
+def test_new_user_with_online_items_has_user_features(tables: ServingTables, params: CandidateParams) -> None:
+    online = _online(tables, None, 3)
+    assert user_profile(tables, None) is None
+    candidates = candidates_by_source(tables, None, params, True, online)
+    features = build_features(tables, None, candidates.items, candidates.scores, online)
+    cold = build_features(tables, None, candidates.items, candidates.scores)
+    assert np.all(features[:, FEATURE_INDEX["user_log_count"]] == pytest.approx(np.log1p(3)))
+    assert np.all(cold[:, FEATURE_INDEX["user_log_count"]] == 0)
+    assert np.any(features[:, FEATURE_INDEX["genre_affinity"]] > 0)
