@@ -103,11 +103,11 @@ def save_version(
         # before `latest` names it: after a power loss `latest` never points at a torn version.
         for path in staged.rglob("*"):
             if path.is_file():
-                _fsync_path(path)
-        _fsync_path(staged)
+                fsync_path(path)
+        fsync_path(staged)
         final_parent = _ensure_dir(home / "models" / tag.name)
         os.rename(staged, final_parent / str(tag.version))
-        _fsync_path(final_parent)
+        fsync_path(final_parent)
         write_durably(final_parent / "latest", str(tag.version))
     finally:
         shutil.rmtree(staging_root, ignore_errors=True)
@@ -128,10 +128,11 @@ def write_durably(path: Path, text: str) -> None:
     except OSError:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_path(path.parent)
+    fsync_path(path.parent)
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: str | Path) -> None:
+    """Flush a file or a folder (its entries) to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

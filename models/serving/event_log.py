@@ -38,6 +38,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from models.lifecycle.store import fsync_path
 from models.serving.events import Event, Impression
 from models.serving.online.base import START, Cursor, JournalKind, OnlineState
 
@@ -66,14 +67,6 @@ def _is_local(fs: pafs.FileSystem) -> bool:
     return isinstance(fs, pafs.LocalFileSystem)
 
 
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _put(fs: pafs.FileSystem, path: str, write: Any) -> None:
     """Make `path` appear whole or not at all, durably. `write(fs, path)` writes a file.
     Local: written beside under a name readers skip ('.' prefix), fsync'd, renamed, and the
@@ -87,13 +80,13 @@ def _put(fs: pafs.FileSystem, path: str, write: Any) -> None:
     aside = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
     try:
         write(fs, aside)
-        _fsync(aside)
+        fsync_path(aside)
         fs.move(aside, path)
     finally:
         if os.path.exists(aside):
             os.unlink(aside)
-    _fsync(parent)
-    _fsync(posixpath.dirname(parent))  # a date folder new to its parent
+    fsync_path(parent)
+    fsync_path(posixpath.dirname(parent))  # a date folder new to its parent
 
 
 def _date(ts: float) -> str:
