@@ -233,17 +233,18 @@ def train(
     rng = np.random.default_rng(config.seed)
     eval_users = rng.random(log_.n_users) < config.eval_user_frac
 
+    label_windows = [window(log_, w, config.split) for w in range(1, config.n_windows + 1)]
     retrieval_selection: dict[str, Any] = {"skipped": "select_retrieval is off"}
-    if config.select_retrieval:
+    if config.select_retrieval and label_windows:
         with stages("choose retrieval (EASE λ, candidate mix) on window 1"):
-            selection = choose_retrieval(window(log_, 1, config.split), dataset.catalog, genre_names,
-                                         config.candidates, config.seed)  # fmt: skip
+            selection = choose_retrieval(label_windows[0], dataset.catalog, genre_names, config.candidates,
+                                         config.seed)  # fmt: skip
         config, retrieval_selection = replace(config, candidates=selection.params), selection.curve
 
     train_groups, valid_groups = Groups(), Groups()
-    for w in range(1, config.n_windows + 1):
+    for win in label_windows:
+        w = win.index
         with stages(f"window {w}: tables and labelled candidates"):
-            win = window(log_, w, config.split)
             if len(win.label_users) == 0:
                 continue
             tables = window_tables(win, dataset, genre_names, config.candidates)
