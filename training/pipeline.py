@@ -39,6 +39,7 @@ from training.ranker import RankerParams, ranker_kwargs
 from training.report import write_report
 from training.retrieval import choose_retrieval
 from training.split import SplitConfig, Window, window
+from training.tracking import TrainingRun, save_registered, training_run
 from training.tuning import DEFAULT_SIGNIFICANCE, DEFAULT_TUNE_BUDGET_S, DEFAULT_TUNE_MAX_TRIALS, tune_ranker
 
 log = logging.getLogger("training")
@@ -223,10 +224,20 @@ def train(
     dataset: Dataset, config: TrainConfig = TrainConfig(), model_name: str = DEFAULT_MODEL_NAME,
     save: bool = True, compare_with: str | None = None, engine: Engine | None = None,
 ) -> TrainResult:
-    """Train, evaluate and (if `save`) add one version to the store. With `compare_with` (a
-    tag), that version is evaluated on the same fresh hold-out too, before anything is saved.
+    """Train, evaluate and (if `save`) add one version to the store and to the MLflow
+    registry, all inside one MLflow run (training/tracking.py). With `compare_with` (a tag),
+    that version is evaluated on the same fresh hold-out too, before anything is saved.
     Raises DataError for data that cannot be split or learned from, ModelCheckError for a
-    version to compare with that cannot be used; nothing is written to the store then."""
+    version to compare with that cannot be used; nothing is written to the store or the
+    registry then (the run ends FAILED)."""
+    with training_run(model_name, f"train {dataset.name}{'' if save else ' (dry run)'}") as run:
+        return _train(dataset, config, model_name, save, compare_with, engine, run)
+
+
+def _train(
+    dataset: Dataset, config: TrainConfig, model_name: str, save: bool, compare_with: str | None,
+    engine: Engine | None, run: TrainingRun,
+) -> TrainResult:
     stages = StageLog()
     log_ = dataset.log
     genre_names = dataset.catalog.genre_names()
@@ -353,13 +364,14 @@ def train(
         write_report(folder, curve, best_round, importance, config.k)
         profile.save(folder)
 
+    run.log_results(metadata)
     tag = None
     if save:
         labels = {"dataset": dataset.name, "schema": SCHEMA_HASH, "objective": config.ranker.objective}
-        with stages("save to the BentoML store"):
-            tag = save_version(
+        with stages("save to the BentoML store and the MLflow registry"):
+            tag = save_registered(run, lambda: save_version(
                 model_name, booster, serving, metadata, labels,
                 write_extra=write_extras,
-            )  # fmt: skip
+            ))  # fmt: skip
         log.info("saved %s", tag)
     return TrainResult(tag, metrics, stages.timings, metadata, champion_metrics, evaluation, test)

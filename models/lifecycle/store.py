@@ -114,6 +114,55 @@ def save_version(
     return str(tag)
 
 
+def import_folder(tag: str, fetch: Callable[[Path], Path]) -> None:
+    """Bring the version `tag`, made on another machine, into this store, checked.
+
+    `fetch(dst)` writes the version's folder (its model.yaml and files) somewhere under `dst`
+    and returns that folder. The copy is opened as a model of a staging store under
+    BENTOML_HOME/tmp and checked (`check_version`: schema hash, every file's digest) before
+    one rename publishes it, as `save_version` does; `latest` is set only if the name had
+    none. ModelCheckError naming the tag and the cause if it is not usable; the store is
+    then as it was. Another process importing the same version meanwhile is fine."""
+    from bentoml._internal.models.model import ModelStore
+    from bentoml.exceptions import BentoMLException
+
+    name, _, version = tag.partition(":")
+    home = store_home()
+    tmp_root = _ensure_dir(home / "tmp")
+    remove_orphan_staging(tmp_root)
+    staging_root = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=tmp_root))
+    try:
+        try:
+            fetched = fetch(staging_root / "download")
+        except ModelCheckError as err:
+            raise ModelCheckError(f"model {tag}: fetch failed: {err}") from err
+        staged = _ensure_dir(staging_root / "store" / name) / version
+        os.rename(fetched, staged)
+        try:
+            model = ModelStore(str(staging_root / "store")).get(tag)
+        except (BentoMLException, OSError, ValueError) as err:  # NotFound is a BentoMLException
+            raise ModelCheckError(f"model {tag}: the fetched copy is not a BentoML model: {err}") from err
+        if str(model.tag) != tag:
+            raise ModelCheckError(f"model {tag}: the fetched copy is {model.tag}")
+        check_version(model)
+        for path in staged.rglob("*"):
+            if path.is_file():
+                fsync_path(path)
+        fsync_path(staged)
+        final_parent = _ensure_dir(home / "models" / name)
+        try:
+            os.rename(staged, final_parent / version)
+        except OSError:
+            if not (final_parent / version).is_dir():
+                raise
+            return  # imported by another process meanwhile
+        fsync_path(final_parent)
+        if not (final_parent / "latest").is_file():
+            write_durably(final_parent / "latest", version)
+    finally:
+        shutil.rmtree(staging_root, ignore_errors=True)
+
+
 def write_durably(path: Path, text: str) -> None:
     """Replace `path` with `text` in one rename that survives a power loss: the temporary
     file is fsync'd before the rename (else the new name can point at empty data) and the
