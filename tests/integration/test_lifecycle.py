@@ -72,23 +72,28 @@ def test_challenger_stage(two_versions: tuple[str, str]) -> None:
         registry.promote("lc-int:doesnotexist")
 
 
+@pytest.mark.parametrize("failing", ["log_artifacts", "set_registered_model_alias"])
 def test_a_failed_registry_write_leaves_the_stages_as_they_were(
-    two_versions: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+    two_versions: tuple[str, str], monkeypatch: pytest.MonkeyPatch, failing: str
 ) -> None:
-    a, b = two_versions
-    registry.promote(a)
-    before = registry.registry_path("lc-int").read_text()
+    """The upload of a version not yet registered, or the alias write itself, fails: the
+    stages, the history and the labels are as they were, and the lock is released."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
 
-    def broken_replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-        raise OSError("disk full")
+    x, y = resave(two_versions[0], "lc-fail"), resave(two_versions[1], "lc-fail")
+    registry.promote(x)
+    before = registry.load("lc-fail")
 
-    monkeypatch.setattr(os, "replace", broken_replace)
-    with pytest.raises(OSError, match="disk full"):
-        registry.promote(b)
+    def broken(*args: object, **kwargs: object) -> None:
+        raise MlflowException("artifact store unreachable")
+
+    monkeypatch.setattr(MlflowClient, failing, broken)
+    with pytest.raises(MlflowException, match="unreachable"):
+        registry.promote(y)
     monkeypatch.undo()
-    assert registry.registry_path("lc-int").read_text() == before
-    assert not list(registry.registry_path("lc-int").parent.glob("*.tmp-*"))  # no temporary file left
-    assert registry.load("lc-int").champion == a and stage_label(a) == "champion"
+    assert registry.load("lc-fail") == before and stage_label(x) == "champion" and stage_label(y) is None
+    assert registry.promote(y).champion == y  # the lock was released
 
 
 def test_promote_with_a_stale_expected_champion_changes_nothing_but_the_log(
@@ -142,13 +147,14 @@ def test_published_files_are_fsynced_before_and_their_folder_after_the_rename(
     """A power loss cannot be simulated; what makes a rename survive one can be checked: the
     new file (or folder) reaches the disk before the rename, the folder's entry after it."""
     a, b = two_versions
+    registry.promote(a)  # b's label changes below
     log = record_renames_and_fsyncs(monkeypatch)
     if operation == "save":
         name, version = resave(a, "lc-durable").split(":")
         published = {bentoml_home / "models" / name / version, bentoml_home / "models" / name / "latest"}
     else:
+        published = {Path(bentoml.models.get(b).path) / "model.yaml"}  # the stage label
         registry.promote(b)
-        published = {registry.registry_path("lc-int"), Path(bentoml.models.get(b).path) / "model.yaml"}
     monkeypatch.undo()
     home = os.path.realpath(bentoml_home)
     renames = [
