@@ -26,9 +26,9 @@ atomic in the tracking database (its name is unique), so exactly one writer, on 
 gets it; the others retry until LOCK_TIMEOUT_S. `promote(..., expected_champion=...)` reads
 the champion under that lock. A lock older than LOCK_STALE_S (its holder died) is broken; the
 one window left is a holder stalled for longer than that, which no registry write takes. A
-failure between the writes of one change (history, aliases, events, each atomic on its own)
-can leave part of it applied; the stages are written last but the events, so a crash shows
-as a stage change without its event, never an event without its change.
+failure between the writes of one change (history, then aliases, then events, each atomic on
+its own) is undone where it can be (a failed alias write puts the history back); a process
+killed between them can leave part of it applied, never an event without its change.
 
 Local mirror: the `stage` label in model.yaml of the versions in this machine's store, so
 `bentoml models get` shows it; other machines' labels follow when they next write. MLflow is
@@ -337,16 +337,23 @@ def _write(client: MlflowClient, before: Registry, after: Registry) -> None:
     name = after.name
     versions = {t: register_version(t) for t in {after.champion, after.challenger} if t}  # uploads first: the likely failure
     _ensure_registered_model(client, name)
-    if after.history != before.history:
+    history_changed = after.history != before.history
+    if history_changed:
         client.set_registered_model_tag(name, HISTORY_KEY, json.dumps(after.history[-_MAX_HISTORY:]))
-    for stage in STAGES:
-        tag = getattr(after, stage)
-        if tag == getattr(before, stage):
-            continue
-        if tag is None:
-            client.delete_registered_model_alias(name, stage)
-        else:
-            client.set_registered_model_alias(name, stage, versions[tag])
+    stages_written = False
+    try:
+        for stage in STAGES:
+            tag = getattr(after, stage)
+            if tag == getattr(before, stage):
+                continue
+            if tag is None:
+                client.delete_registered_model_alias(name, stage)
+            else:
+                client.set_registered_model_alias(name, stage, versions[tag])
+        stages_written = True
+    finally:
+        if history_changed and not stages_written:  # the change did not happen: nor did its history
+            client.set_registered_model_tag(name, HISTORY_KEY, json.dumps(before.history[-_MAX_HISTORY:]))
     added = after.events[len(before.events):]
     for event in added:
         key = f"{EVENT_PREFIX}{time.time_ns():020d}.{secrets.token_hex(4)}"
