@@ -11,7 +11,9 @@ The internal hop is closed twice: both read RECSYS_RANKER_TOKEN from the Secret
 `recsys-ranker-token` (key `token`; create it with
 `kubectl create secret generic recsys-ranker-token --from-literal=token=$(openssl rand -hex 32)`),
 and a NetworkPolicy lets only the API pods (and Prometheus, for /metrics) reach the
-ranking pods.
+ranking pods. Both read MLFLOW_TRACKING_URI, the shared MLflow registry whose aliases say
+which versions they serve, from the ConfigMap `recsys-registry` (key `MLFLOW_TRACKING_URI`;
+point it at your tracking server): a promotion reaches the pods without a new image.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ BENTO_UID = 1034
 PORT = 3000
 DEFAULT_IMAGE = "recsys:latest"
 TOKEN_SECRET = "recsys-ranker-token"
+REGISTRY_CONFIGMAP = "recsys-registry"
+DEFAULT_TRACKING_URI = "http://mlflow:5000"  # an `mlflow server` Service in the namespace; edit the ConfigMap
 RANKER, API = "recsys-ranker", "recsys-api"
 # Pods that may scrape the ranking pods' /metrics (any namespace).
 PROMETHEUS_LABELS = {"app.kubernetes.io/name": "prometheus"}
@@ -66,7 +70,7 @@ def _deployment(name: str, service: Any, image: str, env: dict[str, str], replic
                         "args": args,
                         "ports": [{"name": "http", "containerPort": PORT}],
                         "env": [{"name": k, "value": v} for k, v in
-                                {"BENTOML_DO_NOT_TRACK": "true", **env}.items()] + [_token_env()],
+                                {"BENTOML_DO_NOT_TRACK": "true", **env}.items()] + [_token_env(), _registry_env()],
                         "resources": {
                             "requests": {"cpu": str(resources.get("cpu", "1")), "memory": str(resources.get("memory", "1Gi"))},
                             "limits": {"memory": str(resources.get("memory", "1Gi"))},
@@ -87,6 +91,19 @@ def _token_env() -> dict[str, Any]:
     Secret exists (then the hop is open, as it is without RECSYS_RANKER_TOKEN)."""
     return {"name": "RECSYS_RANKER_TOKEN",
             "valueFrom": {"secretKeyRef": {"name": TOKEN_SECRET, "key": "token", "optional": True}}}  # fmt: skip
+
+
+def _registry_env() -> dict[str, Any]:
+    """The shared registry's URI from its ConfigMap; not optional: a pod without it would
+    read an empty registry of its own and serve nothing."""
+    return {"name": "MLFLOW_TRACKING_URI",
+            "valueFrom": {"configMapKeyRef": {"name": REGISTRY_CONFIGMAP, "key": "MLFLOW_TRACKING_URI"}}}  # fmt: skip
+
+
+def _registry_configmap() -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": REGISTRY_CONFIGMAP, "labels": {"app.kubernetes.io/part-of": "recsys"}},
+            "data": {"MLFLOW_TRACKING_URI": DEFAULT_TRACKING_URI}}  # fmt: skip
 
 
 def _ranker_network_policy() -> dict[str, Any]:
@@ -142,7 +159,7 @@ def render(image: str = DEFAULT_IMAGE) -> list[dict[str, Any]]:
         (API, service.ApiService, {"RECSYS_RANKER_URLS": f"http://{RANKER}:{PORT}"}),
     ):
         docs += [_deployment(name, svc, image, env, replicas=2), _service(name), _autoscaler(name, 2, 10)]
-    return [*docs, _ranker_network_policy()]
+    return [_registry_configmap(), *docs, _ranker_network_policy()]
 
 
 def main(argv: list[str] | None = None) -> int:

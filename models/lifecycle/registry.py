@@ -269,8 +269,15 @@ def _read(client: MlflowClient, name: str) -> Registry:
                     json.loads(tags.get(HISTORY_KEY, "[]")), events)  # fmt: skip
 
 
+def _nothing_registered() -> bool:
+    """The embedded registry was never written (reading it would create its database, ~8 s)."""
+    return "MLFLOW_TRACKING_URI" not in os.environ and not (store_home() / "mlflow.db").is_file()
+
+
 def load(name: str) -> Registry:
     _import_json_once(name)
+    if _nothing_registered():
+        return Registry(name)
     try:
         return _read(mlflow_client(), name)
     except ValueError as err:  # a tag that is not our JSON: someone edited it by hand
@@ -432,7 +439,8 @@ def exact_tag(tag: str) -> str:
     try:
         return str(bentoml.models.get(tag).tag)
     except NotFound as err:
-        if not tag.endswith(":latest") and ":" in tag and find_version(mlflow_client(), tag) is not None:
+        if (not tag.endswith(":latest") and ":" in tag and not _nothing_registered()
+                and find_version(mlflow_client(), tag) is not None):  # fmt: skip
             return tag  # trained on another machine: promotable here, fetched where it is served
         raise RegistryError(f"{tag}: no such model version in the store (see `python -m training models list`)") from err
 

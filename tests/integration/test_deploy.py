@@ -48,6 +48,10 @@ def test_deployment_follows_the_service_declaration(name: str, service_name: str
     env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
     token = [e["valueFrom"]["secretKeyRef"] for e in container["env"] if e["name"] == "RECSYS_RANKER_TOKEN"]
     assert token == [{"name": "recsys-ranker-token", "key": "token", "optional": True}]
+    registry = [e["valueFrom"]["configMapKeyRef"] for e in container["env"] if e["name"] == "MLFLOW_TRACKING_URI"]
+    assert registry == [{"name": "recsys-registry", "key": "MLFLOW_TRACKING_URI"}]  # promotions without a new image
+    (configmap,) = [d for d in DOCS if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "recsys-registry"]
+    assert configmap["data"]["MLFLOW_TRACKING_URI"].startswith("http")
     if name == "recsys-api":  # the API finds the ranking Service by URL and spawns none
         assert env["RECSYS_RANKER_URLS"] == "http://recsys-ranker:3000"
 
