@@ -133,6 +133,23 @@ def wait_ready(server: ServerProcess, timeout: float = READY_TIMEOUT_S) -> None:
     raise TimeoutError(f"{server.url} not ready after {timeout} s:\n{server.log()[-4000:]}")
 
 
+MLFLOW_BIN = str(Path(sys.executable).parent / "mlflow")
+
+
+def start_mlflow_server(data_dir: Path, timeout: float = 180.0) -> ServerProcess:
+    """A real `mlflow server` on a free loopback port, as its own process group: a SQLite
+    backend and a local artifact folder in `data_dir`, the artifacts served through the
+    server (`mlflow-artifacts:/`), so clients share nothing but its URL. `stop()` ends it
+    and every process it started."""
+    port = free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    command = [MLFLOW_BIN, "server", "--backend-store-uri", f"sqlite:///{data_dir / 'mlflow.db'}",
+               "--artifacts-destination", str(data_dir / "artifacts"), "--host", "127.0.0.1",
+               "--port", str(port), "--workers", "1"]  # fmt: skip
+    return start_process(command, data_dir, {}, port, data_dir / "mlflow-server.log", ready_path="/health",
+                         timeout=timeout)  # fmt: skip
+
+
 REDIS_SERVER_BIN = "/usr/bin/redis-server"
 
 

@@ -21,6 +21,7 @@ from tests.helpers import (  # noqa: E402
     PROJECT_ROOT,
     ServerProcess,
     small_synthetic,
+    start_mlflow_server,
     start_server,
 )
 from training.datasets import Dataset  # noqa: E402
@@ -70,6 +71,18 @@ def server(trained: TrainResult, bentoml_home: Path) -> Iterator[ServerProcess]:
         ["service:ApiService"], cwd=PROJECT_ROOT,
         env={"BENTOML_HOME": str(bentoml_home), "RECSYS_MODEL_TAG": trained.tag},
     )  # fmt: skip
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A real `mlflow server` (SQLite backend, local artifact folder) on a free loopback port:
+    the shared registry of machines that share nothing else. Its URL is their
+    MLFLOW_TRACKING_URI; it is stopped by its PID with every descendant."""
+    proc = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"))
     try:
         yield proc
     finally:

@@ -1,5 +1,5 @@
 """Test helpers: paths, a small seeded dataset, polling with a deadline, and the server
-helpers of bench/servers.py (bentoml serve, redis-server)."""
+helpers of bench/servers.py (bentoml serve, redis-server, mlflow server)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from bench.servers import (
     RedisServer,
     ServerProcess,
     free_port,
+    start_mlflow_server,
     start_redis,
     start_server,
     wait_ready,
@@ -77,6 +78,7 @@ __all__ = [
     "free_port",
     "poll_until",
     "small_synthetic",
+    "start_mlflow_server",
     "start_redis",
     "start_server",
     "wait_ready",
