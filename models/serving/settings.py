@@ -237,6 +237,15 @@ class RecsysSettings(BaseSettings):
         50_000, ge=1, description="Most journal entries the exporter writes per Parquet file."
     )
 
+    # The registry of stages (models/lifecycle/registry.py reads the variable itself: the
+    # lifecycle layer has no settings). MLflow's own name, so that its CLI and UI agree.
+    mlflow_tracking_uri: str | None = Field(
+        None, validation_alias="MLFLOW_TRACKING_URI", description="MLflow's own variable (no "
+        "RECSYS_ prefix): the tracking server whose Model Registry holds the stages, shared by "
+        "every machine that trains or serves. Unset: an embedded SQLite registry under "
+        "BENTOML_HOME (mlflow.db, artifacts in mlartifacts/), for one machine."
+    )
+
     def ranker_url_list(self) -> list[str]:
         return [u.strip().rstrip("/") for u in (self.ranker_urls or "").split(",") if u.strip()]
 
