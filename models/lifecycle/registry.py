@@ -224,6 +224,18 @@ def resolve_alias(name: str, alias: str) -> str:
     return tag
 
 
+def ensure_local(tag: str) -> None:
+    """Make sure the exact version `tag` is in the local store before it is opened. Local
+    only: a version missing here is a ModelCheckError (a shared registry fetches it instead)."""
+    try:
+        bentoml.models.get(tag)
+    except NotFound as err:
+        raise ModelCheckError(
+            f"model {tag}: not in the local store {store_home() / 'models'}; copy it here "
+            "(`bentoml models export`/`import`) or serve from a machine that has it"
+        ) from err
+
+
 def bento_pinned_tags(service_file: Path, model_name: str) -> list[str] | None:
     """The exact versions of `model_name` a Bento was built with, in declaration order
     (champion, then challenger), when `service_file` runs from inside a Bento
