@@ -11,7 +11,15 @@ import pytest
 
 from models.core.schema import FEATURE_DTYPE, N_FEATURES
 from models.lifecycle.store import ModelCheckError
-from models.serving.versioned import ID_BITS, N_COLUMNS, BoosterSet, VersionNotHeld, split_rows, tag_rows, version_id
+from models.serving.versioned import (
+    ID_BITS,
+    N_COLUMNS,
+    BoosterSet,
+    VersionNotHeld,
+    split_rows,
+    tag_rows,
+    version_id,
+)
 
 
 class ConstantBooster:
