@@ -58,7 +58,14 @@ from models.serving.guard import RequestGuard, TokenGuard
 from models.serving.monitoring import DriftMonitor
 from models.serving.online import BackendUnavailable, make_state
 from models.serving.orchestration import Ranking
-from models.serving.plan import Stages, follows_registry, known_tags, serving_plan, wanted_stages
+from models.serving.plan import (
+    Stages,
+    follows_registry,
+    in_local_store,
+    known_tags,
+    serving_plan,
+    wanted_stages,
+)
 from models.serving.rankers import RankerPool
 from models.serving.realtime import RealTime, retry_after
 from models.serving.reload import StageFollower
@@ -80,7 +87,10 @@ cap_batch_wait(settings.max_batch_wait_ms / 1000)
 PLAN = serving_plan(settings, Path(__file__))
 # With a problem the services declare no model: `serve` resolves declared models before it
 # runs `check_model`, and would stop on the placeholder tag without saying the problem.
-DECLARED = (None, None) if PLAN.problem else (PLAN.champion, PLAN.challenger)
+# A version missing from the local store is not declared either: BentoML would try to pull
+# it from BentoCloud and stop; `check_model` fetches it (registry.ensure_local) instead.
+DECLARED = (None, None) if PLAN.problem else tuple(t if t and in_local_store(t) else None
+                                                   for t in (PLAN.champion, PLAN.challenger))  # fmt: skip
 # Separate scaling: with URLs, `serve` starts no ranking service; the API calls these.
 RANKER_URLS = settings.ranker_url_list()
 # Live reload: whether the workers follow the registry's stages (models/serving/reload.py).
@@ -143,8 +153,7 @@ class RankerService:
     challenger_model = _model(DECLARED[1])
 
     def __init__(self) -> None:
-        cls = type(self)
-        self.stages: Stages = (str(cls.bento_model.tag), str(cls.challenger_model.tag) if cls.challenger_model else None)
+        self.stages: Stages = (PLAN.champion, PLAN.challenger)
         self.boosters = BoosterSet(_load_booster, functools.partial(known_tags, settings.model_name))
         self.boosters.install(self.boosters.loaded(t for t in self.stages if t))
         self.follower = StageFollower("ranker", settings.reload_interval_s, FOLLOWS, lambda: self.stages,
@@ -219,16 +228,16 @@ class ApiService:
         try:
             if PLAN.problem:
                 raise ModelCheckError(PLAN.problem)
-            open_version(PLAN.champion)
-            if PLAN.challenger:
-                open_version(PLAN.challenger)
+            for tag in (PLAN.champion, PLAN.challenger):
+                if tag:
+                    registry.ensure_local(tag)
+                    open_version(tag)
         except ModelCheckError as err:
             raise BentoMLException(str(err)) from err
 
     def __init__(self) -> None:
-        cls = type(self)
-        champion = self._load("champion", str(cls.bento_model.tag))
-        challenger = self._load("challenger", str(cls.challenger_model.tag)) if cls.challenger_model else None
+        champion = self._load("champion", PLAN.champion)
+        challenger = self._load("challenger", PLAN.challenger) if PLAN.challenger else None
         # Opened here, in the worker (after the fork): connections must not cross processes.
         state = make_state(settings)
         self.realtime = RealTime(settings, state) if state is not None else None

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import bentoml
+from bentoml.exceptions import NotFound
 
 from models.lifecycle import registry
 from models.lifecycle.registry import RegistryError, bento_pinned_tags, resolve_alias
@@ -94,3 +95,11 @@ def known_tags(name: str) -> list[str]:
         staged = []
     stored = sorted(bentoml.models.list(name), key=lambda m: m.info.creation_time, reverse=True)
     return list(dict.fromkeys([*staged, *(str(m.tag) for m in stored)]))
+
+
+def in_local_store(tag: str) -> bool:
+    try:
+        bentoml.models.get(tag)
+    except NotFound:
+        return False
+    return True
