@@ -6,6 +6,7 @@ public API: candidates, features, ranking, fallbacks). `bentoml serve service:Ap
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import gc
 from pathlib import Path
@@ -18,9 +19,9 @@ from pydantic import Field, StrictBool, StrictInt
 from starlette.responses import JSONResponse
 
 import models
-from models.core.ranking import predict_scores
 from models.core.recommender import Recommender
-from models.core.schema import FEATURE_DTYPE, N_FEATURES
+from models.core.schema import FEATURE_DTYPE
+from models.lifecycle import registry
 from models.lifecycle.store import ModelCheckError, open_version
 from models.serving.api_schema import (
     EventIn,
@@ -30,6 +31,7 @@ from models.serving.api_schema import (
     ModelResponse,
     RankResponse,
     RecommendResponse,
+    ReloadInfo,
     Routing,
     ScoreResponse,
     VersionInfo,
@@ -56,13 +58,22 @@ from models.serving.guard import RequestGuard, TokenGuard
 from models.serving.monitoring import DriftMonitor
 from models.serving.online import BackendUnavailable, make_state
 from models.serving.orchestration import Ranking
-from models.serving.plan import serving_plan
+from models.serving.plan import (
+    Stages,
+    follows_registry,
+    in_local_store,
+    known_tags,
+    serving_plan,
+    wanted_stages,
+)
 from models.serving.rankers import RankerPool
 from models.serving.realtime import RealTime, retry_after
+from models.serving.reload import StageFollower
 from models.serving.settings import RecsysSettings
 from models.serving.ui import PUBLIC_PATHS as UI_PUBLIC_PATHS
 from models.serving.ui import UI_PATH, ui_app
-from models.serving.variants import Variant
+from models.serving.variants import Role, Variant
+from models.serving.versioned import BoosterSet, VersionNotHeld, tag_rows
 
 settings = RecsysSettings()  # configuration only: decorators below need it at import
 cache_media_types()
@@ -76,9 +87,15 @@ cap_batch_wait(settings.max_batch_wait_ms / 1000)
 PLAN = serving_plan(settings, Path(__file__))
 # With a problem the services declare no model: `serve` resolves declared models before it
 # runs `check_model`, and would stop on the placeholder tag without saying the problem.
-DECLARED = (None, None) if PLAN.problem else (PLAN.champion, PLAN.challenger)
+# A version missing from the local store is not declared either: BentoML would try to pull
+# it from BentoCloud and stop; `check_model` fetches it (registry.ensure_local) instead.
+DECLARED = (None, None) if PLAN.problem else tuple(t if t and in_local_store(t) else None
+                                                   for t in (PLAN.champion, PLAN.challenger))  # fmt: skip
 # Separate scaling: with URLs, `serve` starts no ranking service; the API calls these.
 RANKER_URLS = settings.ranker_url_list()
+# Live reload: whether the workers follow the registry's stages (models/serving/reload.py).
+FOLLOWS = follows_registry(settings, Path(__file__))
+SCORE_APIS: dict[Role, str] = {"champion": "score", "challenger": "score_challenger"}
 
 
 def freeze_startup_heap() -> None:
@@ -113,10 +130,9 @@ def _model(tag: str | None) -> bentoml.models.BentoModel | None:
     return bentoml.models.BentoModel(tag) if tag else None
 
 
-def _check_features(features: np.ndarray) -> np.ndarray:
-    if features.ndim != 2 or features.shape[1] != N_FEATURES:
-        raise InvalidArgument(f"features: shape {features.shape}, expected (n, {N_FEATURES})")
-    return features.astype(FEATURE_DTYPE, copy=False)
+def _load_booster(tag: str) -> Any:
+    registry.ensure_local(tag)
+    return open_version(tag).load_booster(settings.nthread)
 
 
 @bentoml.service(
@@ -127,23 +143,34 @@ def _check_features(features: np.ndarray) -> np.ndarray:
     runner_connection={"max_requests": settings.runner_max_requests, "max_age": settings.runner_max_age_s},
 )
 class RankerService:
-    """Scores (n, N_FEATURES) float32 matrices with the champion's XGBoost ranker (and the
-    challenger's, when one is loaded)."""
+    """Scores float32 matrices of (version id, N_FEATURES features) rows, each row with the
+    XGBoost ranker of the version it names (models/serving/versioned.py): the champion's and
+    the challenger's are loaded ahead, the ones before them kept for the calls still naming
+    them, any other known version loaded when first named."""
 
     # Declaration order matters: a Bento lists its models in it (champion, then challenger).
     bento_model = _model(DECLARED[0])
     challenger_model = _model(DECLARED[1])
 
     def __init__(self) -> None:
-        cls = type(self)
-        champion = open_version(str(cls.bento_model.tag))
-        self.tags: dict[str, str | None] = {"champion": champion.tag, "challenger": None}
-        self.booster = champion.load_booster(settings.nthread)
-        self.challenger_booster = None
-        if cls.challenger_model is not None:
-            challenger = open_version(str(cls.challenger_model.tag))
-            self.tags["challenger"] = challenger.tag
-            self.challenger_booster = challenger.load_booster(settings.nthread)
+        self.stages: Stages = (PLAN.champion, PLAN.challenger)
+        self.boosters = BoosterSet(_load_booster, functools.partial(known_tags, settings.model_name))
+        self.boosters.install(self.boosters.loaded(t for t in self.stages if t))
+        self.follower = StageFollower("ranker", settings.reload_interval_s, FOLLOWS, lambda: self.stages,
+                                      functools.partial(wanted_stages, settings), self._prepare, self._commit)  # fmt: skip
+
+    def _prepare(self, stages: Stages) -> Any:
+        """The new stages' boosters, and the old stages' kept: calls made before the API
+        workers switched still name them."""
+        return self.boosters.loaded(t for t in (*stages, *self.stages) if t)
+
+    def _commit(self, held: Any, stages: Stages) -> None:
+        self.boosters.install(held)
+        self.stages = stages
+
+    @bentoml.on_startup
+    async def follow_registry(self) -> None:
+        self._follow_task = self.follower.start()
 
     @bentoml.on_startup
     def drain_on_shutdown(self) -> None:
@@ -152,22 +179,32 @@ class RankerService:
             json_server_logs()
         freeze_startup_heap()
 
+    def _scored(self, features: np.ndarray) -> np.ndarray:
+        try:
+            return self.boosters.score(features)
+        except ValueError as err:
+            raise InvalidArgument(str(err)) from err
+        except VersionNotHeld as err:  # retryable: the API's RankerPool tries the next one
+            raise ServiceUnavailable(str(err)) from err
+
     # numpy, not DataFrame: BentoML 1.4's batchable DataFrame inputs are broken
-    # (get_batch_size returns a shape tuple); see ../shared/NOTES.md.
+    # (get_batch_size returns a shape tuple); see ../shared/NOTES.md. One argument only
+    # (BentoML's batching takes one): the version id is the matrix's first column.
     @batched_api()
     def score(self, features: np.ndarray) -> np.ndarray:
-        return predict_scores(self.booster, _check_features(features))
+        return self._scored(features)
 
-    # Its own batch queue: a batch is scored by one booster.
+    # Its own batch queue, so the challenger's rows do not wait in the champion's batches;
+    # rows name their version, as in `score`.
     @batched_api()
     def score_challenger(self, features: np.ndarray) -> np.ndarray:
-        if self.challenger_booster is None:
-            raise ServiceUnavailable("no challenger loaded (RECSYS_CHALLENGER_MODE is off)")
-        return predict_scores(self.challenger_booster, _check_features(features))
+        return self._scored(features)
 
     @bentoml.api
-    def model_tags(self) -> dict[str, str | None]:
-        return self.tags
+    def model_tags(self) -> dict[str, Any]:
+        """This worker's stages, the versions it holds, and how following the registry goes."""
+        return {"champion": self.stages[0], "challenger": self.stages[1], "held": self.boosters.tags,
+                "reload": self.follower.status.as_dict()}  # fmt: skip
 
 
 @bentoml.service(
@@ -191,22 +228,24 @@ class ApiService:
         try:
             if PLAN.problem:
                 raise ModelCheckError(PLAN.problem)
-            open_version(PLAN.champion)
-            if PLAN.challenger:
-                open_version(PLAN.challenger)
+            for tag in (PLAN.champion, PLAN.challenger):
+                if tag:
+                    registry.ensure_local(tag)
+                    open_version(tag)
         except ModelCheckError as err:
             raise BentoMLException(str(err)) from err
 
     def __init__(self) -> None:
-        cls = type(self)
-        self.champion = self._load("champion", str(cls.bento_model.tag), "score")
-        self.challenger: Variant | None = None
-        if cls.challenger_model is not None:
-            self.challenger = self._load("challenger", str(cls.challenger_model.tag), "score_challenger")
+        champion = self._load("champion", PLAN.champion)
+        challenger = self._load("challenger", PLAN.challenger) if PLAN.challenger else None
         # Opened here, in the worker (after the fork): connections must not cross processes.
         state = make_state(settings)
         self.realtime = RealTime(settings, state) if state is not None else None
-        self.ranking = Ranking(settings, self.champion, self.challenger, self._score, self.realtime)
+        # The served versions live in `ranking` only: a switch replaces them there, and each
+        # request keeps the Variant it started with (tables, drift, version id) to its end.
+        self.ranking = Ranking(settings, champion, challenger, self._score, self.realtime)
+        self.follower = StageFollower("api", settings.reload_interval_s, FOLLOWS, self._stages,
+                                      functools.partial(wanted_stages, settings), self._prepare, self._commit)  # fmt: skip
         # BentoML sets up its declared dependency (the first URL); the others are set up in
         # the startup hook below, the same way.
         self._more_rankers = [bentoml.depends(RankerService, url=u).get() for u in RANKER_URLS[1:]]
@@ -216,24 +255,61 @@ class ApiService:
         self.rankers = RankerPool([self.ranker, *self._more_rankers], RANKER_URLS or ["local"],
                                   timeout_s=settings.ranker_timeout_s)  # fmt: skip
         # Concurrent scoring calls of this worker go out as one (models/serving/batching.py).
+        # Rows name their version (a leading id column), so calls of different versions
+        # may be joined: each caller still gets the scores of its own version's booster.
         self.joined = {
-            v.score_api: JoinedCalls(functools.partial(self.rankers.call, v.score_api), v.score_api,
-                                     settings.max_batch_size, settings.api_batch_in_flight)
-            for v in self.ranking.variants
+            api: JoinedCalls(functools.partial(self.rankers.call, api), api,
+                             settings.max_batch_size, settings.api_batch_in_flight)
+            for api in SCORE_APIS.values()
         } if settings.api_batching else {}  # fmt: skip
-        self._ranker_checked = False
 
     @staticmethod
-    def _load(role: Any, tag: str, score_api: str) -> Variant:
+    def _load(role: Role, tag: str) -> Variant:
+        registry.ensure_local(tag)
         version = open_version(tag)
         recommender = Recommender(version.load_tables(), version.params)
         drift = DriftMonitor(settings, version.tag, version.path, role="api")
-        return Variant(role, version, recommender, drift, score_api)
+        return Variant(role, version, recommender, drift, SCORE_APIS[role])
+
+    def _stages(self) -> Stages:
+        challenger = self.ranking.challenger
+        return self.ranking.champion.tag, challenger.tag if challenger else None
+
+    def _prepare(self, stages: Stages) -> tuple[Variant, Variant | None]:
+        """The variants of `stages` (in a thread): a version served now is reused, in its new
+        role; a new one is checked and loaded (ModelCheckError if it fails)."""
+        served = {v.tag: v for v in self.ranking.variants}
+
+        def variant(role: Role, tag: str) -> Variant:
+            if tag in served:
+                return dataclasses.replace(served[tag], role=role, score_api=SCORE_APIS[role])
+            return self._load(role, tag)
+
+        champion = variant("champion", stages[0])
+        challenger = variant("challenger", stages[1]) if stages[1] else None
+        if challenger is not None and challenger.version_id == champion.version_id:
+            raise ModelCheckError(f"model {challenger.tag}: version id {champion.version_id} collides with "
+                                  f"{champion.tag}; save the version again (a new tag) to serve both")  # fmt: skip
+        return champion, challenger
+
+    def _commit(self, prepared: tuple[Variant, Variant | None], stages: Stages) -> None:
+        """Between requests (on the event loop): later requests use the new variants. The
+        drift counting of a version no longer served stops; a new one's starts."""
+        before = {v.tag: v for v in self.ranking.variants}
+        self.ranking.champion, self.ranking.challenger = prepared
+        after = {v.tag for v in self.ranking.variants}
+        for tag in set(before) - after:
+            if task := self._flushers.pop(tag, None):
+                task.cancel()
+        for v in self.ranking.variants:
+            if v.tag not in self._flushers:
+                self._flushers[v.tag] = v.drift.start_flusher()
 
     @bentoml.on_startup
     async def start_drift_flusher(self) -> None:
         await asyncio.gather(*(proxy.__aenter__() for proxy in self._more_rankers))
-        self._flushers = [v.drift.start_flusher() for v in self.ranking.variants]
+        self._flushers = {v.tag: v.drift.start_flusher() for v in self.ranking.variants}
+        self._follow_task = self.follower.start()
         if settings.log_format == "json":
             json_server_logs()
         freeze_startup_heap()
@@ -256,22 +332,15 @@ class ApiService:
         return True
 
     async def _score(self, variant: Variant, features: np.ndarray) -> np.ndarray:
-        if not self._ranker_checked:
-            await self._check_ranker()
         if len(features) == 0:
             return np.zeros(0, dtype=FEATURE_DTYPE)
+        # The rows name the version whose features they are: the ranking service scores them
+        # with that version's booster or refuses them (a retryable 503), never another's.
+        rows = tag_rows(variant.version_id, features)
         # An unreachable ranking service is a retryable 503 (models/serving/rankers.py), not a 500.
         if joined := self.joined.get(variant.score_api):
-            return await joined(features)
-        return np.asarray(await self.rankers.call(variant.score_api, features))
-
-    async def _check_ranker(self) -> None:
-        """The services resolve the model tags on their own; refuse to mix versions."""
-        ours = {"champion": self.champion.tag, "challenger": self.challenger.tag if self.challenger else None}
-        for name, tags in (await self.rankers.each("model_tags")).items():
-            if tags != ours:
-                raise ServiceUnavailable(f"model mismatch: the ranking service {name} serves {tags}, the API {ours}")
-        self._ranker_checked = True
+            return await joined(rows)
+        return np.asarray(await self.rankers.call(variant.score_api, rows))
 
     @bentoml.api
     @documented_limits
@@ -316,7 +385,7 @@ class ApiService:
                                  "(RECSYS_ONLINE_BACKEND=off; sqlite or redis turn it on)"}, status_code=404)
         try:
             result, unknown = await self.realtime.accept([e.model_dump() for e in events],
-                                                         self.champion.recommender.knows)  # fmt: skip
+                                                         self.ranking.champion.recommender.knows)  # fmt: skip
         except InvalidEvent as err:
             raise event_error(err) from err
         except BackendUnavailable as err:
@@ -335,10 +404,11 @@ class ApiService:
         # loop a 10,000-row request held every other request of this worker for tens of ms.
         offload = len(rows) >= settings.offload_rows
         matrix = await asyncio.to_thread(feature_matrix, rows) if offload else feature_matrix(rows)
-        scores = await self._score(self.champion, matrix)
-        observe = functools.partial(self.champion.drift.observe, matrix, scores, cold=False, endpoint="score")
+        champion = self.ranking.champion  # one version for the whole request, across a switch
+        scores = await self._score(champion, matrix)
+        observe = functools.partial(champion.drift.observe, matrix, scores, cold=False, endpoint="score")
         await asyncio.to_thread(observe) if offload else observe()
-        return ScoreResponse(scores=scores.tolist(), model_tag=self.champion.tag)
+        return ScoreResponse(scores=scores.tolist(), model_tag=champion.tag)
 
     @bentoml.api(route="/drift")
     @documented_limits
@@ -347,8 +417,9 @@ class ApiService:
         every worker: PSI and status (ok, warn, alert) per feature and for the score, KS for
         the score, the cold-start share, the window and the model version. With a challenger
         loaded, its own report is under `challenger`."""
-        report = self.champion.drift.report()
-        report["challenger"] = self.challenger.drift.report() if self.challenger else None
+        champion, challenger = self.ranking.champion, self.ranking.challenger
+        report = champion.drift.report()
+        report["challenger"] = challenger.drift.report() if challenger else None
         return report
 
     @bentoml.api(route="/model")
@@ -361,10 +432,18 @@ class ApiService:
             **infos[0].model_dump(),
             challenger=infos[1] if len(infos) > 1 else None,
             routing=Routing(mode=self.ranking.mode, challenger_share=settings.challenger_share),
+            reload=ReloadInfo(**self.follower.status.as_dict()),
         )  # fmt: skip
+
+    @bentoml.api(route="/admin/reload")
+    async def admin_reload(self) -> ReloadInfo:
+        """Look at the registry now (this worker; the others at their next poll), and try
+        again a version refused before. Needs an admin key (RECSYS_ADMIN_KEYS)."""
+        return ReloadInfo(**await self.follower.poll(force=True))
 
 
 READ_ONLY_ROUTES = frozenset({"/model", "/drift"})  # they answer GET too
+ADMIN_ROUTES = frozenset({"/admin/reload"})  # admin keys only (RECSYS_ADMIN_KEYS)
 forbid_unknown_fields(ApiService)
 patch_openapi("ApiService", {api.route for api in ApiService.apis.values()}, models.__version__, READ_ONLY_ROUTES)
 # The page (models/serving/ui.py); the guard below wraps it like every route.
@@ -377,6 +456,8 @@ ApiService.add_asgi_middleware(
     max_in_flight=settings.max_in_flight,
     read_only_paths=READ_ONLY_ROUTES,
     public_paths=UI_PUBLIC_PATHS,
+    admin_keys=settings.admin_key_list(),
+    admin_paths=ADMIN_ROUTES,
 )
 if settings.ranker_token is not None:
     RankerService.add_asgi_middleware(TokenGuard, token=settings.ranker_token.get_secret_value())

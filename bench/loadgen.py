@@ -24,6 +24,8 @@ import aiohttp
 import numpy as np
 
 BodyFactory = Callable[[int], dict[str, Any]]
+# (start, end) in seconds since the run began, the status and the body of one response.
+ResponseHook = Callable[[float, float, int, bytes], None]
 
 
 def check_loopback(url: str) -> None:
@@ -88,8 +90,10 @@ async def run_load(
     max_requests: int | None = None,
     timeout_s: float = 35.0,
     headers: dict[str, str] | None = None,
+    on_response: ResponseHook | None = None,
 ) -> LoadResult:
-    """POST JSON bodies to `url` for `duration_s` (and at most `max_requests`)."""
+    """POST JSON bodies to `url` for `duration_s` (and at most `max_requests`); each answer
+    also goes to `on_response` when given (a test that checks what every response says)."""
     check_loopback(url)
     # The generator's own pauses must not count as the server's latency: keep the garbage
     # collector off what is already alive (a benchmark process holds a model in memory).
@@ -127,7 +131,7 @@ async def run_load(
                 t0 = time.perf_counter()
                 try:
                     async with session.post(url, data=body, headers={"content-type": "application/json"}) as resp:
-                        await resp.read()
+                        answer = await resp.read()
                         statuses[resp.status] += 1
                         code = resp.status
                 except (aiohttp.ClientError, asyncio.TimeoutError) as err:
@@ -135,6 +139,8 @@ async def run_load(
                     code = -1
                 t1 = time.perf_counter()
                 timeline.append((t0 - start, t1 - start, code))
+                if on_response is not None and code != -1:
+                    on_response(t0 - start, t1 - start, code, answer)
                 if code == 200:
                     latencies.append((t1 - t0) * 1000)
 

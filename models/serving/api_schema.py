@@ -146,11 +146,28 @@ class Routing(BaseModel):
     challenger_share: float = Field(description="Share of users the challenger ranks in split mode.")
 
 
+class ReloadInfo(BaseModel):
+    """How this worker follows the registry (models/serving/reload.py)."""
+
+    follows: bool = Field(description="Whether it follows the registry's stages (RECSYS_RELOAD_INTERVAL_S, "
+                          "RECSYS_FOLLOW_REGISTRY; RECSYS_MODEL_TAG and a Bento's pins fix the versions).")
+    interval_s: float = Field(description="Seconds between two looks at the registry.")
+    checked_at: str | None = Field(description="When it last read the registry's stages (UTC).")
+    switched_at: str | None = Field(description="When it last switched versions (UTC).")
+    last_attempt: dict[str, Any] | None = Field(description="The last attempt to switch: at, from, to, "
+                                                "result (switched, failed) and the error.")
+    failures: int = Field(description="Attempts refused because a version failed its checks.")
+    problem: str | None = Field(description="Why the stages could not be read at the last look.")
+    refused: dict[str, str] = Field(description="Versions not switched in, with the check each failed.")
+
+
 class ModelResponse(VersionInfo):
-    """The champion's details, the challenger's (if one is loaded) and the routing."""
+    """The champion's details, the challenger's (if one is loaded), the routing and how this
+    worker follows the registry."""
 
     challenger: VersionInfo | None = None
     routing: Routing
+    reload: ReloadInfo | None = None
 
 
 # One field per schema feature, in schema order; unknown columns are rejected.

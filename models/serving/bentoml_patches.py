@@ -90,6 +90,8 @@ GUARD_ERROR = {
 }
 GUARD_RESPONSES = {
     "401": "Missing or invalid API key (only when RECSYS_API_KEYS is set).",
+    "403": "An event key outside POST /events (RECSYS_EVENT_KEYS), or an admin route "
+           "(/admin/...) while RECSYS_ADMIN_KEYS is not set.",
     "415": "Content-Type other than application/json.",
     "413": "Request body over RECSYS_MAX_BODY_BYTES.",
     "503": "Overloaded: RECSYS_MAX_IN_FLIGHT requests already in flight; retry later.",

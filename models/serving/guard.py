@@ -30,7 +30,8 @@ async def _refuse(send: Send, scope: Scope, status: int, error: str, headers: di
     await _reply(send, status, error, headers)
 
 
-_RULES = {401: "missing or invalid API key", 403: "event key outside POST /events", 413: "body over RECSYS_MAX_BODY_BYTES", 415: "not JSON"}
+_RULES = {401: "missing or invalid API key", 403: "event key outside POST /events, or an admin path without RECSYS_ADMIN_KEYS",
+          413: "body over RECSYS_MAX_BODY_BYTES", 415: "not JSON"}
 
 
 async def _reply(send: Send, status: int, error: str, headers: dict[str, str] | None = None) -> None:
@@ -76,8 +77,15 @@ class RequestGuard:
                  read_only_paths: frozenset[str] = frozenset(),
                  public_paths: frozenset[str] = frozenset(),
                  event_keys: list[str] | None = None,
-                 event_paths: frozenset[str] = frozenset({"/events"})) -> None:  # fmt: skip
+                 event_paths: frozenset[str] = frozenset({"/events"}),
+                 admin_keys: list[str] | None = None,
+                 admin_paths: frozenset[str] = frozenset()) -> None:  # fmt: skip
         self.app = app
+        # `admin_paths` take admin keys only (RECSYS_ADMIN_KEYS), and no API key; without
+        # admin keys they are refused (403): an open reload trigger would be a way to load the
+        # store on every request.
+        self._admin_keys = [k.encode() for k in admin_keys or []]
+        self.admin_paths = admin_paths
         # Keys that may only POST to `event_paths` (RECSYS_EVENT_KEYS): a front end that
         # reports clicks holds one, and cannot read recommendations or models with it.
         self._event_keys = [k.encode() for k in event_keys or []]
@@ -92,8 +100,26 @@ class RequestGuard:
         self.max_in_flight = max_in_flight
         self._in_flight = 0
 
+    @staticmethod
+    def _bearer(scope: Scope) -> bytes | None:
+        for name, value in scope.get("headers", []):
+            if name == b"authorization" and value[:7].lower() == b"bearer ":
+                return bytes(value[7:].strip())
+        return None
+
+    def _admin(self, scope: Scope) -> int | None:
+        if not self._admin_keys:
+            return 403
+        given = self._bearer(scope)
+        if given is None:
+            return 401
+        matches = [hmac.compare_digest(given, key) for key in self._admin_keys]  # every key: constant time
+        return None if any(matches) else 401
+
     def _authorized(self, scope: Scope) -> int | None:
         """None if the request may pass, else the status to refuse it with (401, 403)."""
+        if scope["path"] in self.admin_paths:
+            return self._admin(scope)
         if not self._keys or scope["path"] in self.public_paths:
             return None
         for name, value in scope.get("headers", []):
@@ -136,6 +162,10 @@ class RequestGuard:
             if scope.get("method") == "GET":
                 scope = {**scope, "method": "POST"}
         refused = self._authorized(scope)
+        if refused == 403 and scope["path"] in self.admin_paths:
+            await _refuse(send, scope, 403, f"{scope['path']} is off: set RECSYS_ADMIN_KEYS and send "
+                          "'Authorization: Bearer <admin key>'")  # fmt: skip
+            return
         if refused == 403:
             await _refuse(send, scope, 403, "this key may only POST /events (RECSYS_EVENT_KEYS)")
             return

@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import bentoml
+from bentoml.exceptions import NotFound
+
+from models.lifecycle import registry
 from models.lifecycle.registry import RegistryError, bento_pinned_tags, resolve_alias
 from models.lifecycle.store import ModelCheckError
 from models.serving.settings import RecsysSettings
@@ -50,3 +54,52 @@ def serving_plan(settings: RecsysSettings, service_file: Path) -> ServingPlan:
         fix = "repair or restore that file, or serve an exact version with RECSYS_MODEL_TAG"
         return ServingPlan(f"{name}:unresolved", None, f"{err}; {fix}")
     return ServingPlan(champion, challenger)
+
+
+Stages = tuple[str, str | None]  # (champion, challenger)
+
+
+def follows_registry(settings: RecsysSettings, service_file: Path) -> bool:
+    """Whether a running service follows the registry's stages (models/serving/reload.py):
+    reload on (RECSYS_RELOAD_INTERVAL_S > 0), no exact RECSYS_MODEL_TAG, and outside a
+    Bento unless RECSYS_FOLLOW_REGISTRY: a built Bento serves what it pinned."""
+    if settings.reload_interval_s <= 0 or settings.model_tag:
+        return False
+    return settings.follow_registry or bento_pinned_tags(service_file, settings.model_name) is None
+
+
+def wanted_stages(settings: RecsysSettings) -> Stages:
+    """The versions the registry names now, for a service that follows it: the champion
+    (RECSYS_MODEL_ALIAS), and unless RECSYS_CHALLENGER_MODE is off the challenger
+    (RECSYS_CHALLENGER_TAG, else the registry's; None when it has none: a promoted or
+    cleared challenger leaves the champion serving alone). ModelCheckError when there is no
+    champion, RegistryError when the registry cannot be read."""
+    name = settings.model_name
+    champion = resolve_alias(name, settings.model_alias)
+    challenger = None
+    if settings.challenger_mode != "off":
+        challenger = settings.challenger_tag or registry.load(name).challenger
+        if challenger == champion:
+            challenger = None
+    return champion, challenger
+
+
+def known_tags(name: str) -> list[str]:
+    """Every version of `name` a caller may name: the registry's stages and history first,
+    then the local store's versions, newest first (for a ranking service asked to score a
+    version it does not hold yet)."""
+    try:
+        reg = registry.load(name)
+        staged = [t for t in (reg.champion, reg.challenger, *reversed(reg.history)) if t]
+    except RegistryError:
+        staged = []
+    stored = sorted(bentoml.models.list(name), key=lambda m: m.info.creation_time, reverse=True)
+    return list(dict.fromkeys([*staged, *(str(m.tag) for m in stored)]))
+
+
+def in_local_store(tag: str) -> bool:
+    try:
+        bentoml.models.get(tag)
+    except NotFound:
+        return False
+    return True

@@ -246,6 +246,26 @@ class RecsysSettings(BaseSettings):
         "BENTOML_HOME (mlflow.db, artifacts in mlartifacts/), for one machine."
     )
 
+    # Live reload (models/serving/reload.py). A switch must land within 10 s of a promotion:
+    # a poll every 3 s plus a version's checks and load (about 1 s for the test models,
+    # measured in tests/e2e/test_reload_e2e.py) leaves room on a busy machine.
+    reload_interval_s: float = Field(
+        3.0, ge=0, description="Seconds between two looks at the registry by every worker of both "
+        "services; a changed champion or challenger is loaded in the background, checked, and "
+        "switched in between requests. 0: off (the versions resolved at start are served)."
+    )
+    follow_registry: bool = Field(
+        False, description="A built Bento serves the versions it pinned; true: it follows the "
+        "registry's stages like `bentoml serve service:ApiService` does. RECSYS_MODEL_TAG pins always."
+    )
+    admin_keys: SecretStr | None = Field(
+        None, description="Comma-separated keys that may call POST /admin/reload (look at the "
+        "registry now); without any, the endpoint is refused (403)."
+    )
+
+    def admin_key_list(self) -> list[str]:
+        return _keys(self.admin_keys)
+
     def ranker_url_list(self) -> list[str]:
         return [u.strip().rstrip("/") for u in (self.ranker_urls or "").split(",") if u.strip()]
 

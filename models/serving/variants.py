@@ -18,6 +18,7 @@ from models.core.recommender import Recommender
 from models.lifecycle.store import ModelVersion
 from models.serving.monitoring import DriftMonitor
 from models.serving.settings import RecsysSettings
+from models.serving.versioned import version_id
 
 Role = Literal["champion", "challenger"]
 REQUEST_LOG = "recsys_requests"
@@ -50,6 +51,11 @@ class Variant:
     @property
     def tag(self) -> str:
         return self.version.tag
+
+    @functools.cached_property
+    def version_id(self) -> int:
+        """The id its scoring rows carry (models/serving/versioned.py)."""
+        return version_id(self.version.tag)
 
 
 @functools.cache

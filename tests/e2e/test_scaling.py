@@ -1,7 +1,6 @@
 """Separate scaling: two ranking services started on their own (`bentoml serve
 service:RankerService`) on different ports, behind an API service that spawns none
-(RECSYS_RANKER_URLS). Both get traffic; kill one and the rest keeps serving. An API and a
-ranking service at different model versions refuse to serve together."""
+(RECSYS_RANKER_URLS). Both get traffic; kill one and the rest keeps serving."""
 
 from __future__ import annotations
 
@@ -12,9 +11,8 @@ import bentoml
 import httpx
 import pytest
 
-from models.core.schema import FEATURE_NAMES
-from tests.helpers import PROJECT_ROOT, ServerProcess, small_synthetic, start_server
-from training.pipeline import TrainConfig, TrainResult, train
+from tests.helpers import PROJECT_ROOT, ServerProcess, start_server
+from training.pipeline import TrainResult
 
 pytestmark = pytest.mark.e2e
 
@@ -86,37 +84,6 @@ def test_both_ranking_services_serve_and_one_can_die(cluster: dict[str, object])
     assert ranker_calls(api, rankers[0]) == after[0]
 
 
-@pytest.fixture(scope="module")
-def other_version(trained: TrainResult) -> str:
-    """A second version of the session's model, trained on other data."""
-    result = train(small_synthetic(seed=4), TrainConfig(tune_budget_s=0), model_name=str(trained.tag).split(":")[0])
-    assert result.tag is not None and result.tag != trained.tag
-    return result.tag
-
-
-def test_api_refuses_a_ranking_service_of_another_version(
-    trained: TrainResult, other_version: str, bentoml_home: Path
-) -> None:
-    """The services resolve their model tags on their own: an API at version B in front of a
-    ranking service at version A answers 503, never a ranking by A's model. BentoML hides
-    the message of a 5xx from the client ("unexpected error"); the API's log names both."""
-    env = {"BENTOML_HOME": str(bentoml_home)}
-    ranker = start_server(["service:RankerService"], cwd=PROJECT_ROOT, env={**env, "RECSYS_MODEL_TAG": str(trained.tag)})
-    api: ServerProcess | None = None
-    try:
-        api = start_server(["service:ApiService"], cwd=PROJECT_ROOT,
-                           env={**env, "RECSYS_MODEL_TAG": other_version, "RECSYS_RANKER_URLS": ranker.url})  # fmt: skip
-        requests = [("/recommend", {"user_id": "u1", "k": 5}), ("/rank", {"user_id": "u1", "item_ids": ["i1"]}),
-                    ("/score", {"rows": [dict.fromkeys(FEATURE_NAMES, 0.5)]})] * 2  # fmt: skip
-        for route, body in requests:  # twice: it keeps refusing
-            resp = httpx.post(f"{api.url}{route}", json=body, timeout=30)
-            assert resp.status_code == 503, (route, resp.status_code, resp.text)
-        # The exception's own line (not the traceback's source line) names both versions.
-        mismatches = [line for line in api.log().splitlines()
-                      if "model mismatch:" in line and str(trained.tag) in line and other_version in line]  # fmt: skip
-        assert len(mismatches) >= len(requests), api.log()[-3000:]
-        assert httpx.post(f"{api.url}/model", json={}, timeout=10).json()["tag"] == other_version
-    finally:
-        for proc in [api, ranker]:
-            if proc is not None:
-                proc.stop()
+# An API and a ranking service at different versions: tests/e2e/test_reload_e2e.py
+# (test_the_services_never_mix_versions): rows name their version, so the ranking service
+# scores with that version's booster or refuses; it never mixes.

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from models.core.schema import N_FEATURES
+from models.serving.versioned import version_id
 from tests.helpers import PROJECT_ROOT, poll_until, start_server
 from training.pipeline import TrainResult
 
@@ -57,12 +58,13 @@ def test_batches_never_exceed_max_batch_size(trained: TrainResult, bentoml_home:
         "RECSYS_MAX_BATCH_SIZE": "4", "RECSYS_BATCHING": str(batching).lower(),
     })  # fmt: skip
     sent = 1000
+    vid = version_id(str(trained.tag))
     try:
         async def burst() -> list[int]:
             async with httpx.AsyncClient(base_url=server.url, timeout=60,
                                          limits=httpx.Limits(max_connections=128)) as client:  # fmt: skip
                 async def one(i: int) -> int:
-                    row = [[(i % 7) / 7.0] * N_FEATURES]
+                    row = [[vid] + [(i % 7) / 7.0] * N_FEATURES]  # the version id, then the features
                     return (await client.post("/score", json={"features": row})).status_code
                 return await asyncio.gather(*(one(i) for i in range(sent)))
 

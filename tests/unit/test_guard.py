@@ -212,3 +212,25 @@ def test_only_json_bodies(content_type: str | None, status: int) -> None:
         assert f"'{str(content_type).split(';')[0].lower()}'" in error and "application/json" in error
     else:
         assert body == b'{"user_id": "u1"}'
+
+
+@pytest.mark.parametrize(
+    ("admin_keys", "api_keys", "key", "path", "status"),
+    [
+        (["admin1"], ["key1"], "admin1", "/admin/reload", 200),
+        (["admin1"], [], "admin1", "/admin/reload", 200),
+        (["admin1"], ["key1"], "key1", "/admin/reload", 401),  # an API key is no admin key
+        (["admin1"], [], None, "/admin/reload", 401),  # open API, the admin path still needs its key
+        ([], [], "admin1", "/admin/reload", 403),  # no admin keys: the path is off
+        (["admin1"], ["key1"], "admin1", "/recommend", 401),  # an admin key is no API key
+    ],
+)
+def test_admin_paths_take_admin_keys_only(admin_keys: list[str], api_keys: list[str], key: str | None,
+                                          path: str, status: int) -> None:  # fmt: skip
+    guard = RequestGuard(echo_app, api_keys=api_keys, max_body_bytes=100, max_in_flight=10,
+                         admin_keys=admin_keys, admin_paths=frozenset({"/admin/reload"}))  # fmt: skip
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    got, body = call(guard, path, headers, [b"{}"])
+    assert got == status, body
+    if status == 403:
+        assert b"RECSYS_ADMIN_KEYS" in body
