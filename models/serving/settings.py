@@ -167,6 +167,12 @@ class RecsysSettings(BaseSettings):
     )
     drift_warn: float = Field(0.1, ge=0, description="PSI at or above which a feature is 'warn'.")
     drift_alert: float = Field(0.25, ge=0, description="PSI at or above which a feature is 'alert'.")
+    drift_min_rows: int | None = Field(
+        None, ge=1, description="Sample (rows; requests for user features) below which a feature's "
+        "status is 'insufficient_data'. Unset: per feature, the sample at which a PSI of traffic drawn "
+        "from the reference itself stays below drift_warn with probability 0.99, chi2_0.99(bins - 1) "
+        "/ drift_warn (217 for 10 bins and warn 0.1; models/core/drift.py min_sample).",
+    )
     drift_dir: Path = Field(
         Path(tempfile.gettempdir()) / "recsys-drift",
         description="Where workers share their drift counts (one folder per serve process).",
