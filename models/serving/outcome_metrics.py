@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -60,14 +61,25 @@ def count_impression(impression: Impression) -> None:
 
 
 class OutcomeCounter:
-    """Counts the outcome events of one API worker off the response path: the impressions are
-    looked up in the online state (any worker may have served them) in a thread, at most
-    `max_pending` batches at a time (beyond, a batch is not counted: counted as skipped)."""
+    """Counts the outcome events of one API worker off the response path. An impression is
+    looked up among the last `remembered` this worker served first: a client's click can come
+    before the impression's write is committed (the simulator's did, 1 in 161), and a
+    keep-alive connection keeps a client on its worker. Else in the online state (another
+    worker served it), in a thread; at most `max_pending` batches at a time (beyond, a batch
+    is not counted: counted as skipped)."""
 
-    def __init__(self, state: OnlineState, max_pending: int) -> None:
+    def __init__(self, state: OnlineState, max_pending: int, remembered: int = 4096) -> None:
         self.state = state
         self.max_pending = max_pending
         self._tasks: set[asyncio.Task[None]] = set()
+        self._recent: OrderedDict[str, Impression] = OrderedDict()
+        self._remembered = remembered
+
+    def served(self, impression: Impression) -> None:
+        count_impression(impression)
+        self._recent[impression.recommendation_id] = impression
+        if len(self._recent) > self._remembered:
+            self._recent.popitem(last=False)
 
     def observe(self, events: Sequence[Event], result: WriteResult) -> None:
         referring = [e for e, new in zip(events, result.new) if new and e.recommendation_id is not None]
@@ -77,7 +89,10 @@ class OutcomeCounter:
             _metrics()["outcomes"].labels(model_version="unknown", variant="unknown", type="skipped",
                                           position="unknown").inc(len(referring))  # fmt: skip
             return
-        task = asyncio.get_running_loop().create_task(asyncio.to_thread(self._count, referring))
+        # Read on the event loop, which alone writes it: the thread gets a plain dict.
+        mine = {e.recommendation_id: self._recent[e.recommendation_id] for e in referring
+                if e.recommendation_id in self._recent}  # fmt: skip
+        task = asyncio.get_running_loop().create_task(asyncio.to_thread(self._count, referring, mine))
         self._tasks.add(task)
         task.add_done_callback(self._done)
 
@@ -86,9 +101,9 @@ class OutcomeCounter:
         if not task.cancelled() and (err := task.exception()) is not None:
             log.error("counting outcome events failed: %r", err, exc_info=err)
 
-    def _count(self, events: Sequence[Event]) -> None:
+    def _count(self, events: Sequence[Event], mine: dict[str | None, Impression]) -> None:
         counter = _metrics()["outcomes"]
-        found: dict[str, Impression | None] = {}
+        found: dict[str, Impression | None] = {k: v for k, v in mine.items() if k is not None}
         for event in events:
             rid = event.recommendation_id
             assert rid is not None

@@ -21,7 +21,7 @@ import bentoml
 
 from models.serving.events import Impression, parse_events
 from models.serving.online import BackendUnavailable, GroupCommitWriter, OnlineState, WriteResult
-from models.serving.outcome_metrics import OutcomeCounter, count_impression
+from models.serving.outcome_metrics import OutcomeCounter
 from models.serving.settings import RecsysSettings
 
 log = logging.getLogger("recsys.online")
@@ -99,7 +99,7 @@ class RealTime:
         """Store what a response showed, without holding the response: a click can only
         follow once the client has the response, by which time the group commit (a few ms)
         is done. A failed write is counted (recsys_online_failures_total{operation=impression})."""
-        count_impression(impression)  # served, whether or not its write succeeds
+        self.outcomes.served(impression)  # counted as served, whether or not its write succeeds
         if self._pending >= self._max_pending:
             self._count_failure("impression", "overflow")
             return
