@@ -14,6 +14,7 @@ variant and the online counters the service reports on /metrics.
         --user-col user_id --item-col item_id --time-col ts --rating-col rating
     python -m bench.simulate --url http://127.0.0.1:3000 --dataset movielens --data ../shared/data/movielens-small
     python -m bench.simulate --smoke      # trains, serves and replays a tiny synthetic set (seconds)
+    python -m bench.simulate --ab --dataset movielens --data ../shared/data/movielens-small   # the A/B bar
 """
 
 from __future__ import annotations
@@ -222,26 +223,56 @@ def _dataset(args: argparse.Namespace) -> Dataset:
     return synthetic(args.n_users, args.n_items, args.n_interactions, seed=args.seed)
 
 
-def _smoke(args: argparse.Namespace) -> int:
-    """Train on a tiny synthetic base, serve it on 127.0.0.1, replay for a few seconds."""
+def _self_served(args: argparse.Namespace, dataset: Dataset, ab: bool) -> int:
+    """Train on the data before the cutoff (and, with `ab`, a challenger with shuffled labels:
+    a deliberately bad model), serve on 127.0.0.1 (split mode, half the users each), replay
+    what came after, export the event log and (with `ab`) print the A/B report over it."""
     from bench.servers import start_server
 
     work = Path(tempfile.mkdtemp(prefix="recsys-simulate-"))
-    os.environ["BENTOML_HOME"] = str(work / "home")
+    home = work / "home"
+    os.environ["BENTOML_HOME"] = str(home)
     from training.pipeline import TrainConfig, train
 
-    base, replay = replay_split(synthetic(300, 200, 12_000, n_topics=10, seed=5))
-    tag = train(base, TrainConfig(tune_budget_s=0), model_name="recsys-simulate").tag
-    assert tag is not None
-    server = start_server(["service:ApiService"], cwd=Path(__file__).parent.parent, env={
-        "BENTOML_HOME": str(work / "home"), "RECSYS_MODEL_TAG": tag, "RECSYS_ONLINE_PATH": str(work / "state.sqlite3"),
-    })  # fmt: skip
+    base, replay = replay_split(dataset)
+    budget = 0 if args.smoke else args.tune_budget
+    tag = train(base, TrainConfig(tune_budget_s=budget), model_name="recsys-simulate").tag
+    env = {"BENTOML_HOME": str(home), "RECSYS_MODEL_TAG": str(tag), "RECSYS_ONLINE_PATH": str(work / "state.sqlite3"),
+           "RECSYS_MONITOR_SAMPLE": "0"}  # fmt: skip
+    challenger = None
+    if ab:
+        challenger = train(base, TrainConfig(tune_budget_s=budget, shuffle_labels=True), model_name="recsys-simulate").tag
+        env.update(RECSYS_CHALLENGER_TAG=str(challenger), RECSYS_CHALLENGER_MODE="split", RECSYS_CHALLENGER_SHARE="0.5")
+    print(f"base: {len(base.log)} interactions before the cutoff; {len(replay)} to replay; champion {tag}"
+          + (f", challenger (shuffled labels) {challenger}" if challenger else ""), flush=True)  # fmt: skip
+    server = start_server(["service:ApiService"], cwd=Path(__file__).parent.parent, env=env)
     try:
-        result = simulate(server.url, replay, rate=args.rate, duration_s=args.duration_s, k=args.k)
+        result = simulate(server.url, replay, rate=args.rate, duration_s=args.duration_s, k=args.k,
+                          max_steps=args.max_steps)  # fmt: skip
         counters = settled_counters(server.url)
     finally:
         server.stop()
-    return _report(result, counters, args, f"smoke: {tag}")
+    code = _report(result, counters, args, f"{dataset.name}: champion {tag}" + (" vs shuffled labels" if ab else ""))
+    if ab:
+        from models.serving.event_log import EventLogExporter
+        from models.serving.online import make_state
+        from models.serving.settings import RecsysSettings
+        from training.ab_report import add_arguments, run
+
+        settings = RecsysSettings(online_path=work / "state.sqlite3")
+        state = make_state(settings)
+        assert state is not None
+        try:
+            EventLogExporter(state, str(work / "event_log"), batch_size=settings.event_export_batch).export()
+        finally:
+            state.close()
+        parser = argparse.ArgumentParser()
+        add_arguments(parser, settings)
+        ab_args = parser.parse_args(["--events", str(work / "event_log"), "--min-effect", str(args.min_effect)])
+        ab_args.json = False
+        print()
+        run(ab_args)
+    return code
 
 
 def _report(result: SimResult, counters: pd.DataFrame, args: argparse.Namespace, title: str) -> int:
@@ -283,10 +314,21 @@ def main(argv: list[str] | None = None) -> int:
                    help="write the interactions before the cutoff (to train on) to DIR and exit")  # fmt: skip
     p.add_argument("--out", type=Path, default=RESULTS, help="where simulate.png and simulate.json go")
     p.add_argument("--smoke", action="store_true", help="train, serve and replay a tiny synthetic set (seconds)")
+    p.add_argument("--ab", action="store_true", help="train a champion and a --shuffle-labels challenger on the "
+                   "base, serve them in split mode on 127.0.0.1, replay, and print the A/B report")  # fmt: skip
+    p.add_argument("--tune-budget", type=float, default=10.0, help="--ab: seconds of ranker tuning per model")
+    p.add_argument("--min-effect", type=float, default=None, help="--ab: the A/B report's relative effect "
+                   "(default: RECSYS_AB_MIN_EFFECT)")  # fmt: skip
     args = p.parse_args(argv)
+    if args.min_effect is None:
+        from models.serving.settings import RecsysSettings
+
+        args.min_effect = RecsysSettings().ab_min_effect
     if args.smoke:
         args.duration_s = min(args.duration_s, 8.0)
-        return _smoke(args)
+        return _self_served(args, synthetic(300, 200, 12_000, n_topics=10, seed=5), ab=False)
+    if args.ab:
+        return _self_served(args, _dataset(args), ab=True)
     base, replay = replay_split(_dataset(args))
     if args.write_base is not None:
         interactions, items = write_base(base, args.write_base)
