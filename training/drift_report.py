@@ -142,6 +142,7 @@ def main(argv: list[str]) -> int:
                            settings.drift_warn, settings.drift_alert, settings.drift_min_rows)  # fmt: skip
     alerts = [n for n, r in results.items() if r["status"] == "alert"]
     short = [n for n, r in results.items() if r["status"] == INSUFFICIENT]
-    print(f"{args.out}: {traffic.requests} requests, {len(traffic.scores)} rows; alerts: {alerts or 'none'}"
-          + (f"; {INSUFFICIENT}: {short}" if short else ""))
+    if short:  # its own line, first: the last line stays "...; alerts: [...]" for scripts
+        print(f"{INSUFFICIENT} (sample below its minimum, not judged): {short}")
+    print(f"{args.out}: {traffic.requests} requests, {len(traffic.scores)} rows; alerts: {alerts or 'none'}")
     return 0

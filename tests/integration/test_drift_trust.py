@@ -110,3 +110,26 @@ def test_drift_report_on_no_rows_says_so_and_exits_non_zero(trained: TrainResult
     assert code == 1
     assert not out.exists()
     assert f"no logged rows for {trained.tag}" in capsys.readouterr().err
+
+
+def test_drift_report_on_a_few_logged_requests_judges_no_user_feature(trained: TrainResult, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """5 logged requests of 40 rows each, user features moved far: their sample is 5 requests,
+    so they are insufficient_data, not alerts; the last line still lists the alerts."""
+    assert trained.tag is not None
+    rec = Recommender.of(open_version(trained.tag))
+    data = tmp_path / "logs" / MONITOR_NAME / "data"
+    data.mkdir(parents=True)
+    lines = []
+    for user in range(5):
+        rows = rec.prepare_recommend(user, True).features[:40].copy()
+        rows[:, 0] += 50.0  # user_log_count, far outside its reference
+        lines.append({"model_version": trained.tag, "cold_start": False, "features": rows.tolist(),
+                      "scores": [0.0] * len(rows)})  # fmt: skip
+    (data / "data.1.log").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "drift.html"
+    code = training_main(["drift-report", "--logs", str(tmp_path / "logs"), "--model", trained.tag, "--out", str(out)])
+    first, last = capsys.readouterr().out.strip().splitlines()
+    assert code == 0 and out.exists()
+    assert first.startswith(INSUFFICIENT) and "user_log_count" in first
+    assert "user_log_count" not in last.split("alerts: ")[1]
