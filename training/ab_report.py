@@ -61,6 +61,7 @@ class AbReport:
     primary: str
     alpha: float
     min_effect: float
+    k: int
 
     @property
     def verdict(self) -> str:
@@ -72,7 +73,7 @@ class AbReport:
             "per_variant": json.loads(self.table.to_json(orient="records")),
             "comparisons": [_finite(c.as_dict()) for c in self.comparisons],
             "ci_method": CI_METHOD, "confidence": 1 - self.alpha, "min_effect": self.min_effect,
-            "primary_metric": self.primary, "verdict": self.verdict,
+            "primary_metric": self.primary, "verdict": self.verdict, "k": self.k,
         }  # fmt: skip
 
 
@@ -105,7 +106,7 @@ def build_report(events: pd.DataFrame, impressions: pd.DataFrame, *, champion: s
     rows = per_impression(window, attributed, k)
     comparisons = compare(rows, champion, challenger, min_effect=min_effect, alpha=alpha, power=power)
     return AbReport(champion, challenger, since, per_variant(window, attributed, k), comparisons, primary,
-                    alpha, min_effect)  # fmt: skip
+                    alpha, min_effect, k)  # fmt: skip
 
 
 def _num(x: float | None, fmt: str = ".4f") -> str:
@@ -114,9 +115,10 @@ def _num(x: float | None, fmt: str = ".4f") -> str:
 
 def report_text(r: AbReport) -> str:
     cols = ["model_version", "variant", "users", "impressions", "clicks", "purchases", "ctr", "conversion", "mrr"]
+    table = r.table[cols].rename(columns={"ctr": f"ctr@{r.k}", "mrr": f"mrr@{r.k}"})
     lines = [(f"A/B report: challenger {r.challenger} against champion {r.champion}, "
               f"impressions since {pd.Timestamp(r.since, unit='s', tz='UTC'):%Y-%m-%d %H:%M:%S} UTC"), "",
-             r.table[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"), "",
+             table.to_string(index=False, float_format=lambda v: f"{v:.4f}"), "",
              (f"difference = challenger - champion, {100 * (1 - r.alpha):.0f}% CI: {CI_METHOD}; minimum users "
               f"per arm to detect a {100 * r.min_effect:.0f}% relative change")]  # fmt: skip
     for c in r.comparisons:
