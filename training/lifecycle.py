@@ -21,6 +21,7 @@ from models.lifecycle import registry
 from models.lifecycle.registry import ALIASES, STAGES, RegistryError
 from models.lifecycle.store import ModelCheckError
 from models.serving.settings import RecsysSettings
+from training import ab_report
 
 COMPARED_METRICS = ("ndcg", "recall", "hitrate", "map")
 
@@ -243,6 +244,8 @@ def models_parser() -> argparse.ArgumentParser:
     add("rollback", "make the previous champion the champion again")
     add("clear-challenger", "remove the challenger stage")
     add("history", "promotions, rollbacks and retraining decisions")
+    ab_report.add_arguments(add("ab-report", "challenger against champion on the event log: online metrics, "
+                                "differences with CIs, the minimum sample"), RecsysSettings())  # fmt: skip
     return p
 
 
@@ -250,6 +253,8 @@ def models_main(argv: list[str]) -> int:
     args = models_parser().parse_args(argv)
     name = args.name or RecsysSettings().model_name
     out: Any
+    if args.command == "ab-report":
+        return ab_report.run(args)
     if args.command == "list":
         out = cmd_list(name)
         if not args.json:

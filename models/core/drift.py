@@ -1,6 +1,8 @@
 """Drift monitoring per model version: a reference profile saved at training time, cheap
 vectorised counting of served feature rows and scores into the same bins, a sliding
-window of time buckets per worker, and PSI / KS statistics over the merged counts.
+window of time buckets per worker, and PSI / KS statistics over the merged counts. A
+statistic over too small a sample is `insufficient_data`, never `warn` or `alert`
+(`min_sample`), and the report says how much of the traffic used online events.
 
 No BentoML here: the service feeds `DriftCounter` and serves `drift_report`.
 """
@@ -8,21 +10,30 @@ No BentoML here: the service feeds `DriftCounter` and serves `drift_report`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
 
-from models.core.schema import FEATURE_NAMES, N_FEATURES
+from models.core.schema import FEATURES, N_FEATURES
 
 PROFILE_FILE = "reference_profile.json"
 N_BINS = 10
 _EPS = 1e-4  # smoothing: an empty bin must not make PSI infinite
+INSUFFICIENT = "insufficient_data"
+# The minimum sample keeps a same-distribution sample below `warn` this often (min_sample).
+SAME_DISTRIBUTION_QUANTILE = 0.99
+# Bins of the online history length (items a request used from POST /events): 1, 2-4, 5-9,
+# 10-19, 20-49, 50-99, 100+ (bin i holds edges[i-1] < n <= edges[i], as bin_index).
+ONLINE_LENGTH_EDGES = (1, 4, 9, 19, 49, 99)
+ONLINE_LENGTH_LABELS = ("1", "2-4", "5-9", "10-19", "20-49", "50-99", "100+")
 
 
 @dataclass(frozen=True)
@@ -87,9 +98,40 @@ def build_profile(
     )
 
 
+def chi2_quantile(dof: int, q: float) -> float:
+    """The q-quantile of a chi-square with `dof` degrees of freedom (Wilson-Hilferty: within
+    1% of the exact value for dof >= 1 at q = 0.99, 0.2% from dof 2; stdlib only)."""
+    if dof < 1:
+        raise ValueError(f"dof: {dof} (rule: at least 1)")
+    z = NormalDist().inv_cdf(q)
+    a = 2.0 / (9.0 * dof)
+    return dof * (1.0 - a + z * math.sqrt(a)) ** 3
+
+
+def min_sample(n_bins: int, warn: float, quantile: float = SAME_DISTRIBUTION_QUANTILE) -> int:
+    """The smallest sample whose PSI stays below `warn` with probability `quantile` when it
+    is drawn from the reference distribution itself.
+
+    Why: for n rows drawn from the reference, n * PSI is about n * sum((c - r)^2 / r), a
+    chi-square with bins - 1 degrees of freedom (PSI is a symmetrised KL divergence, and
+    2 KL ~ chi-square / n to second order), so the PSI of pure noise is about
+    chi2_q(bins - 1) / n, with mean (bins - 1) / n. 10 bins, warn 0.1, q 0.99: 217 rows
+    (the mean alone would give 90). The reference is taken as exact (it is what the model
+    was fitted to). A feature with a single bin (constant in the reference) has a PSI of 0
+    whatever comes: 1 row is enough."""
+    if n_bins <= 1:
+        return 1
+    if warn <= 0:
+        raise ValueError(f"warn: {warn} (rule: a PSI threshold above 0)")
+    return math.ceil(chi2_quantile(n_bins - 1, quantile) / warn)
+
+
 class BinLayout:
     """All bins of all features and the score in one flat vector, so one bincount counts a
-    whole batch: [feature 0 bins | feature 1 bins | ... | score bins | requests | cold]."""
+    whole batch: [feature 0 bins | ... | score bins | requests | cold | scored | online |
+    warmed | online items | online length bins]. `scored`: requests that scored rows;
+    `online`: requests that used the user's online events; `warmed`: those of users unknown
+    at training time, known only through events; `online items`: the sum of their lengths."""
 
     def __init__(self, feature_edges: list[np.ndarray], score_edges: np.ndarray) -> None:
         if len(feature_edges) != N_FEATURES:
@@ -103,7 +145,12 @@ class BinLayout:
         self.score_offset = int(offsets[N_FEATURES])
         self.requests_slot = int(offsets[-1])
         self.cold_slot = self.requests_slot + 1
-        self.size = self.cold_slot + 1
+        self.scored_slot = self.cold_slot + 1
+        self.online_slot = self.scored_slot + 1
+        self.warmed_slot = self.online_slot + 1
+        self.online_items_slot = self.warmed_slot + 1
+        self.online_length_offset = self.online_items_slot + 1
+        self.size = self.online_length_offset + len(ONLINE_LENGTH_EDGES) + 1
         # One searchsorted for all columns: column j is mapped monotonically into its own
         # interval [4j, 4j + 3] (values clipped to a span around its edges, which keeps every
         # bin), so all edges form one sorted array. Equal values map to equal values, so
@@ -138,6 +185,21 @@ class BinLayout:
 
     def score_counts(self, flat: np.ndarray) -> np.ndarray:
         return flat[self.score_offset : self.requests_slot]
+
+    def online_length_counts(self, flat: np.ndarray) -> np.ndarray:
+        return flat[self.online_length_offset : self.size]
+
+    def add_request(self, row: np.ndarray, requests: int, cold: int, scored: int, online: int, warmed: int) -> None:
+        """Count `requests` requests into one bucket's row (in place); `online`: the online
+        items each used (0: none)."""
+        row[self.requests_slot] += requests
+        row[self.cold_slot] += cold
+        row[self.scored_slot] += scored
+        if online > 0:
+            row[self.online_slot] += requests
+            row[self.warmed_slot] += warmed
+            row[self.online_items_slot] += online * requests
+            row[self.online_length_offset + int(bin_index(np.asarray([online]), np.asarray(ONLINE_LENGTH_EDGES))[0])] += requests
 
 
 def psi(reference: np.ndarray, current: np.ndarray) -> float:
@@ -194,14 +256,16 @@ class DriftCounter:
         return slot
 
     def add(self, features: np.ndarray, scores: np.ndarray, requests: int = 1, cold: int = 0,
-            now: float | None = None) -> None:  # fmt: skip
+            now: float | None = None, online: int = 0, warmed: int = 0) -> None:  # fmt: skip
+        """`online`: the number of online items (from events) the request used; `warmed`: 1
+        when the user was unknown at training time and known only through them."""
         bucket = int((time.time() if now is None else now) // self.width)
         with self._lock:
             if self._rows and bucket != self._rows_bucket:
                 self._bin_waiting()  # into their own bucket, before its slot can be reused
             slot = self._slot(bucket)
-            self.counts[slot, self.layout.requests_slot] += requests
-            self.counts[slot, self.layout.cold_slot] += cold
+            scored = requests if len(features) else 0
+            self.layout.add_request(self.counts[slot], requests, cold, scored, online, warmed)
             if len(features):
                 self._rows.append((features, scores))
                 self._rows_n += len(features)
@@ -242,10 +306,11 @@ class DriftCounter:
             raise
 
 
-def merged_counts(folder: Path, size: int, window_s: float | None, window_rows: int | None,
+def merged_counts(folder: Path, layout: BinLayout, window_s: float | None, window_rows: int | None,
                   now: float | None = None) -> tuple[np.ndarray, int]:  # fmt: skip
     """Sum the buckets of every worker file in `folder` that fall in the window: the last
     `window_s` seconds, or the newest buckets holding at least `window_rows` rows."""
+    size = layout.size
     now = time.time() if now is None else now
     buckets: dict[int, np.ndarray] = {}
     width = None
@@ -264,7 +329,7 @@ def merged_counts(folder: Path, size: int, window_s: float | None, window_rows: 
         rows = 0
         for b in newest_first:
             total += buckets[b]
-            rows += int(buckets[b][: size - 2].sum())
+            rows += int(buckets[b][: layout.requests_slot].sum())  # every row once per column
             if rows >= window_rows * (N_FEATURES + 1):
                 break
     else:
@@ -275,33 +340,79 @@ def merged_counts(folder: Path, size: int, window_s: float | None, window_rows: 
     return total, len(files)
 
 
-def status(value: float, warn: float, alert: float) -> str:
+def status(value: float, warn: float, alert: float, n: int | None = None, min_n: int = 0) -> str:
+    """ok, warn or alert by the PSI; insufficient_data when the sample `n` is below `min_n`."""
+    if n is not None and n < min_n:
+        return INSUFFICIENT
     return "alert" if value >= alert else "warn" if value >= warn else "ok"
 
 
-def drift_report(profile: ReferenceProfile, counts: np.ndarray, warn: float, alert: float) -> dict[str, Any]:
-    """PSI and status per feature and for the score, KS for the score, cold-start share."""
-    layout = profile.layout()
-    features = {}
-    for j, name in enumerate(FEATURE_NAMES):
-        value = psi(profile.feature_freqs[j], layout.feature_counts(counts, j))
-        features[name] = {"psi": round(value, 5), "status": status(value, warn, alert)}
-    score_counts = layout.score_counts(counts)
-    score_psi = psi(profile.score_freqs, score_counts)
+def _statistic(reference: list[float], counts: np.ndarray, n: int, warn: float, alert: float,
+               min_rows: int | None) -> dict[str, Any]:  # fmt: skip
+    value = psi(reference, counts)
+    needed = min_rows if min_rows is not None else min_sample(len(reference), warn)
+    return {"psi": round(value, 5), "status": status(value, warn, alert, n, needed), "n": n, "min_n": needed}
+
+
+def online_traffic(layout: BinLayout, counts: np.ndarray) -> dict[str, Any]:
+    """How much of the traffic used the users' online events: the share of requests that did,
+    the share whose user was unknown at training time and known only through them (warmed),
+    the mean online history length of those requests and its histogram."""
     requests = int(counts[layout.requests_slot])
+    online = int(counts[layout.online_slot])
+    lengths = layout.online_length_counts(counts)
+    return {
+        "requests": online,
+        "share": round(online / requests, 5) if requests else 0.0,
+        "warmed_share": round(int(counts[layout.warmed_slot]) / requests, 5) if requests else 0.0,
+        "mean_length": round(int(counts[layout.online_items_slot]) / online, 3) if online else 0.0,
+        "length_histogram": {label: int(c) for label, c in zip(ONLINE_LENGTH_LABELS, lengths)},
+    }
+
+
+def drift_report(profile: ReferenceProfile, counts: np.ndarray, warn: float, alert: float,
+                 min_rows: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """PSI and status per feature and for the score, KS for the score, cold-start share, and
+    the online-event traffic.
+
+    The sample of a statistic (`n`) is its rows, except for user features: the rows of one
+    /recommend or /rank request share one user, so their user features are one value
+    repeated (8 requests gave `user_log_count` a PSI of 6.84 from 8 distinct values); their
+    sample is the number of requests that scored rows. Below `min_rows` (None: `min_sample`
+    of the statistic's bins and `warn`) the status is insufficient_data."""
+    layout = profile.layout()
+    score_counts = layout.score_counts(counts)
     rows = int(score_counts.sum())
+    requests = int(counts[layout.requests_slot])
+    scored = int(counts[layout.scored_slot])
+    features = {}
+    for j, feature in enumerate(FEATURES):
+        n = min(rows, scored) if feature.group == "user" else rows
+        features[feature.name] = _statistic(profile.feature_freqs[j], layout.feature_counts(counts, j), n,
+                                            warn, alert, min_rows)  # fmt: skip
+    score = _statistic(profile.score_freqs, score_counts, rows, warn, alert, min_rows)
+    score["ks"] = round(ks_binned(np.asarray(profile.score_freqs), score_counts), 5)
+    statuses = [f["status"] for f in features.values()] + [score["status"]]
     return {
         "rows": rows,
         "requests": requests,
+        "status": overall_status(statuses),
         "features": features,
-        "score": {
-            "psi": round(score_psi, 5),
-            "status": status(score_psi, warn, alert),
-            "ks": round(ks_binned(np.asarray(profile.score_freqs), score_counts), 5),
-        },
+        "score": score,
         "cold_start_share": {
             "current": round(int(counts[layout.cold_slot]) / requests, 5) if requests else 0.0,
             "reference": profile.cold_start_share,
         },
-        "thresholds": {"warn": warn, "alert": alert},
-    }
+        "online": online_traffic(layout, counts),
+        "thresholds": {"warn": warn, "alert": alert, "min_rows": min_rows,
+                       "min_rows_rule": f"PSI of a same-distribution sample below warn with p={SAME_DISTRIBUTION_QUANTILE}"},
+    }  # fmt: skip
+
+
+def overall_status(statuses: list[str]) -> str:
+    """The worst status among the statistics with enough data; insufficient_data when none has."""
+    judged = [s for s in statuses if s != INSUFFICIENT]
+    for level in ("alert", "warn", "ok"):
+        if level in judged:
+            return level
+    return INSUFFICIENT

@@ -20,7 +20,7 @@ from typing import Any
 import bentoml
 import numpy as np
 
-from models.core.drift import DriftCounter, ReferenceProfile, drift_report, merged_counts
+from models.core.drift import INSUFFICIENT, DriftCounter, ReferenceProfile, drift_report, merged_counts
 from models.lifecycle.store import pid_alive
 from models.serving.settings import RecsysSettings
 
@@ -156,20 +156,24 @@ class DriftMonitor:
     def counting(self) -> dict[str, Any]:
         return {"ok": self._failure is None, "error": self._failure, "failures": self._failures}
 
-    def observe(self, features: np.ndarray, scores: np.ndarray, cold: bool, endpoint: str) -> None:
+    def observe(self, features: np.ndarray, scores: np.ndarray, cold: bool, endpoint: str,
+                online: int = 0, warmed: bool = False) -> None:  # fmt: skip
+        """`online`: how many of the user's online items (events) the request used; `warmed`:
+        the user was unknown at training time and is known through them."""
         if not self.settings.drift_enabled:
             return
-        self.counter.add(features, scores, cold=int(cold))
+        self.counter.add(features, scores, cold=int(cold), online=online, warmed=int(warmed))
         if self.settings.monitor_sample and self._sample.random() < self.settings.monitor_sample:
-            self._log(features, scores, cold, endpoint)
+            self._log(features, scores, cold, endpoint, online)
 
-    def _log(self, features: np.ndarray, scores: np.ndarray, cold: bool, endpoint: str) -> None:
+    def _log(self, features: np.ndarray, scores: np.ndarray, cold: bool, endpoint: str, online: int = 0) -> None:
         options = {"log_path": str(self.settings.monitor_dir)}
         with bentoml.monitor(MONITOR_NAME, monitor_class="default", monitor_options=options) as mon:
             # BentoML knows the roles feature/prediction/target only: context goes in as features.
             mon.log(self.model_tag, name="model_version", role="feature", data_type="categorical")
             mon.log(endpoint, name="endpoint", role="feature", data_type="categorical")
             mon.log(bool(cold), name="cold_start", role="feature", data_type="categorical")
+            mon.log(int(online), name="online_items", role="feature", data_type="numerical")
             # Unrounded: bin edges are data values, and rounding would move values across them.
             mon.log(np.asarray(features).tolist(), name="features", role="feature",
                     data_type="numerical_sequence")  # fmt: skip
@@ -184,17 +188,22 @@ class DriftMonitor:
         self._flush()
         s = self.settings
         try:
-            counts, workers = merged_counts(self.folder, self.counter.layout.size, s.drift_window_s, s.drift_window_rows)
+            counts, workers = merged_counts(self.folder, self.counter.layout, s.drift_window_s, s.drift_window_rows)
         except COUNT_FILE_ERRORS as err:
             self._failed(err)
             counts, workers = np.zeros(self.counter.layout.size, dtype=np.int64), 0
-        report = drift_report(self.profile, counts, s.drift_warn, s.drift_alert)
-        for name, values in report["features"].items():
-            self._psi.labels(feature=name, model_version=self.model_tag).set(values["psi"])
-        self._psi.labels(feature="__score__", model_version=self.model_tag).set(report["score"]["psi"])
+        report = drift_report(self.profile, counts, s.drift_warn, s.drift_alert, s.drift_min_rows)
+        for name, values in [*report["features"].items(), ("__score__", report["score"])]:
+            self._psi.labels(feature=name, model_version=self.model_tag).set(gauge_value(values))
         window = {"rows": s.drift_window_rows} if s.drift_window_rows else {"seconds": s.drift_window_s}
         return {"model_version": self.model_tag, "window": window, "workers": workers,
                 "counting": self.counting(), **report}  # fmt: skip
+
+
+def gauge_value(statistic: dict[str, Any]) -> float:
+    """The PSI for the gauge; NaN while the sample is too small: no alert rule on the gauge
+    may fire on noise (NaN >= 0.25 is false in PromQL)."""
+    return float("nan") if statistic["status"] == INSUFFICIENT else float(statistic["psi"])
 
 
 def logged_records(logs: Path, name: str, model_tag: str, hint: str = "") -> Iterator[dict[str, Any]]:

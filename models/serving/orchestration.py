@@ -105,6 +105,7 @@ class Ranking:
         user = rec.user_index(user_id)
         online = rec.known_items(online_ids)
         cold = user is None and len(online) == 0
+        warmed = user is None and not cold  # known only through its events
         if cold:
             variant.drift.observe(NO_ROWS, NO_SCORES, cold=True, endpoint="recommend")
             items = rec.popular_described(k)
@@ -112,7 +113,8 @@ class Ranking:
         else:
             prepared = rec.prepare_recommend(user, exclude_seen, online)
             scores = await self.score(variant, prepared.features)
-            variant.drift.observe(prepared.features, scores, cold=False, endpoint="recommend")
+            variant.drift.observe(prepared.features, scores, cold=False, endpoint="recommend",
+                                  online=len(online), warmed=warmed)  # fmt: skip
             items, reason = rec.ranked(prepared, scores, k), None
         if cold and not shadow:
             self.traffic.fallback("recommend", variant.tag)
@@ -136,7 +138,8 @@ class Ranking:
         cold = user is None and len(online) == 0
         prepared = rec.prepare_rank(user, items, online)
         scores = await self.score(variant, prepared.features)
-        variant.drift.observe(prepared.features, scores, cold=cold, endpoint="rank")
+        variant.drift.observe(prepared.features, scores, cold=cold, endpoint="rank", online=len(online),
+                              warmed=user is None and not cold)  # fmt: skip
         ranked = rec.ranked(prepared, scores, len(items))
         if cold and not shadow:
             self.traffic.fallback("rank", variant.tag)

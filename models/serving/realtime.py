@@ -21,6 +21,7 @@ import bentoml
 
 from models.serving.events import Impression, parse_events
 from models.serving.online import BackendUnavailable, GroupCommitWriter, OnlineState, WriteResult
+from models.serving.outcome_metrics import OutcomeCounter
 from models.serving.settings import RecsysSettings
 
 log = logging.getLogger("recsys.online")
@@ -63,6 +64,7 @@ class RealTime:
         self._max_pending = settings.max_in_flight
         self._pending = 0
         self._failures_logged: set[str] = set()
+        self.outcomes = OutcomeCounter(state, settings.max_in_flight)
 
     async def accept(self, rows: Sequence[dict[str, Any]], known: Callable[[str], bool]) -> tuple[WriteResult, list[str]]:
         """Check the batch (InvalidEvent names the index, field and rule), make it durable,
@@ -79,6 +81,7 @@ class RealTime:
         m.labels(outcome="new").inc(result.n_new)
         m.labels(outcome="duplicate").inc(result.n_duplicate)
         m.labels(outcome="unknown_item").inc(sum(not known(e.item_id) for e in events))
+        self.outcomes.observe(events, result)  # clicks per version and position, off this request
         return result, unknown
 
     async def recent_item_ids(self, user_id: str) -> list[str] | None:
@@ -96,6 +99,7 @@ class RealTime:
         """Store what a response showed, without holding the response: a click can only
         follow once the client has the response, by which time the group commit (a few ms)
         is done. A failed write is counted (recsys_online_failures_total{operation=impression})."""
+        self.outcomes.served(impression)  # counted as served, whether or not its write succeeds
         if self._pending >= self._max_pending:
             self._count_failure("impression", "overflow")
             return

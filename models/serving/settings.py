@@ -167,6 +167,12 @@ class RecsysSettings(BaseSettings):
     )
     drift_warn: float = Field(0.1, ge=0, description="PSI at or above which a feature is 'warn'.")
     drift_alert: float = Field(0.25, ge=0, description="PSI at or above which a feature is 'alert'.")
+    drift_min_rows: int | None = Field(
+        None, ge=1, description="Sample (rows; requests for user features) below which a feature's "
+        "status is 'insufficient_data'. Unset: per feature, the sample at which a PSI of traffic drawn "
+        "from the reference itself stays below drift_warn with probability 0.99, chi2_0.99(bins - 1) "
+        "/ drift_warn (217 for 10 bins and warn 0.1; models/core/drift.py min_sample).",
+    )
     drift_dir: Path = Field(
         Path(tempfile.gettempdir()) / "recsys-drift",
         description="Where workers share their drift counts (one folder per serve process).",
@@ -265,6 +271,23 @@ class RecsysSettings(BaseSettings):
 
     def admin_key_list(self) -> list[str]:
         return _keys(self.admin_keys)
+
+    # Online outcomes and the A/B report (models/core/outcomes.py, training/ab_report.py).
+    outcome_window_s: float = Field(
+        1800.0, ge=0, description="Attribution window: an event without a recommendation_id (or with "
+        "one the log does not hold) counts for the same user's latest impression that showed the "
+        "item at most this long before it."
+    )
+    ab_k: int = Field(10, ge=1, description="CTR@k and MRR count clicks at positions 1..k (10: /recommend's default k).")
+    ab_min_effect: float = Field(
+        0.1, gt=0, description="Smallest relative change of a metric the A/B report must detect "
+        "(0.1: 10% of the champion's value); with ab_alpha and ab_power it sets the minimum sample."
+    )
+    ab_alpha: float = Field(0.05, gt=0, lt=1, description="Two-sided significance level of the A/B report; its CIs are 1 - alpha.")
+    ab_power: float = Field(0.8, gt=0, lt=1, description="Power of the A/B test at ab_min_effect.")
+    ab_primary_metric: Literal["ctr", "conversion", "mrr"] = Field(
+        "ctr", description="The metric whose verdict is the A/B report's overall verdict."
+    )
 
     def ranker_url_list(self) -> list[str]:
         return [u.strip().rstrip("/") for u in (self.ranker_urls or "").split(",") if u.strip()]

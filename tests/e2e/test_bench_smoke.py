@@ -55,3 +55,21 @@ def test_quality_benchmark_smoke(tmp_path: Path) -> None:
     assert len(curves) == 50 and all(0 <= v <= 1 for v in curves)
     png = (tmp_path / "quality.png").read_bytes()
     assert png[:4] == b"\x89PNG" and len(png) > 10_000
+
+
+def test_simulate_smoke(tmp_path: Path) -> None:
+    """The replayer trains on a tiny base, serves it, replays what came after the cutoff:
+    no failed request, hits counted, the service's own counters agree with the clicks sent."""
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.simulate", "--smoke", "--out", str(tmp_path)],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, check=False, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    report = json.loads((tmp_path / "simulate.json").read_text())
+    assert report["steps"] > 10 and report["failed"] == {}
+    (served,) = report["summary"]
+    assert served["variant"] == "champion" and 0 < served["hits"] <= served["steps"]
+    counted = {(r["model_version"], r["variant"]): r for r in report["online_counters"]}
+    mine = counted[(served["model_tag"], "champion")]
+    assert mine["impressions"] == served["steps"] and mine["clicks"] == served["hits"]
+    assert (tmp_path / "simulate.png").read_bytes()[:4] == b"\x89PNG"

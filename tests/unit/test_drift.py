@@ -11,17 +11,21 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from models.core.drift import (
+    INSUFFICIENT,
+    ONLINE_LENGTH_LABELS,
     DriftCounter,
     ReferenceProfile,
     bin_index,
     build_profile,
+    chi2_quantile,
     drift_report,
     ks_binned,
     merged_counts,
+    min_sample,
     psi,
     quantile_edges,
 )
-from models.core.schema import FEATURE_NAMES, N_FEATURES
+from models.core.schema import FEATURE_NAMES, FEATURES, N_FEATURES, USER_FEATURES
 
 RNG = np.random.default_rng(0)
 REFERENCE = RNG.normal(size=(5000, N_FEATURES)).astype(np.float32)
@@ -62,14 +66,23 @@ def test_layout_counts_every_row_once(profile: ReferenceProfile) -> None:
     assert layout.score_counts(counts).sum() == 300
 
 
+def _as_requests(layout, counts: np.ndarray, requests: int) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """`counts` of rows that came in `requests` scored requests."""
+    layout.add_request(counts, requests, cold=0, scored=requests, online=0, warmed=0)
+    return counts
+
+
 def test_same_distribution_no_alert_shifted_feature_alerts(profile: ReferenceProfile) -> None:
     layout = profile.layout()
     same = layout.count(RNG.normal(size=(3000, N_FEATURES)).astype(np.float32), RNG.normal(size=3000))
-    report = drift_report(profile, same, warn=0.1, alert=0.25)
+    report = drift_report(profile, _as_requests(layout, same, 3000), warn=0.1, alert=0.25)
     assert all(f["status"] == "ok" for f in report["features"].values())
+    assert report["status"] == "ok"
     shifted_rows = RNG.normal(size=(3000, N_FEATURES)).astype(np.float32)
     shifted_rows[:, 4] += 2.0
-    report = drift_report(profile, layout.count(shifted_rows, RNG.normal(size=3000)), 0.1, 0.25)
+    shifted = _as_requests(layout, layout.count(shifted_rows, RNG.normal(size=3000)), 3000)
+    report = drift_report(profile, shifted, 0.1, 0.25)
+    assert report["status"] == "alert"
     statuses = {name: f["status"] for name, f in report["features"].items()}
     assert statuses.pop(FEATURE_NAMES[4]) == "alert"
     assert set(statuses.values()) == {"ok"}
@@ -86,11 +99,11 @@ def test_workers_merge_and_old_buckets_leave_the_window(profile: ReferenceProfil
     b.add(REFERENCE[:30], REF_SCORES[:30], cold=1, now=now - 1)
     a.flush()
     b.flush()
-    counts, workers = merged_counts(tmp_path, layout.size, window_s=60, window_rows=None, now=now)
+    counts, workers = merged_counts(tmp_path, layout, window_s=60, window_rows=None, now=now)
     assert workers == 2
     assert layout.score_counts(counts).sum() == 100
     assert counts[layout.requests_slot] == 2 and counts[layout.cold_slot] == 1
-    by_rows, _ = merged_counts(tmp_path, layout.size, window_s=None, window_rows=30, now=now)
+    by_rows, _ = merged_counts(tmp_path, layout, window_s=None, window_rows=30, now=now)
     assert layout.score_counts(by_rows).sum() == 30  # newest bucket alone holds 30 rows
 
 
@@ -180,3 +193,93 @@ def test_counting_and_flushing_at_once_lose_no_row(profile: ReferenceProfile, tm
     per_feature = counts.sum(axis=0)[layout.feature_offsets[0] : layout.feature_offsets[1]].sum()
     assert per_feature == n_adds, f"counted {per_feature} rows, added {n_adds}"
     assert counter.requests() == n_adds
+
+
+@pytest.mark.parametrize(("dof", "exact"), [(1, 6.6349), (2, 9.2103), (9, 21.6660), (30, 50.8922)])
+def test_chi2_quantile_is_close_to_the_table(dof: int, exact: float) -> None:
+    """The 0.99 quantiles of the chi-square table (scipy.stats.chi2.ppf)."""
+    assert chi2_quantile(dof, 0.99) == pytest.approx(exact, rel=0.01)
+
+
+@pytest.mark.parametrize("n_bins", [2, 5, 10])
+def test_a_sample_of_min_size_from_the_reference_rarely_reaches_warn(n_bins: int) -> None:
+    """What min_sample promises, simulated: samples of that size drawn from the reference
+    distribution itself reach the warn PSI about 1% of the time (not more than 3%), and
+    samples of a quarter of it far more often (why smaller samples are not judged)."""
+    rng = np.random.default_rng(n_bins)
+    reference = rng.dirichlet(np.full(n_bins, 5.0))
+    warn = 0.1
+    n = min_sample(n_bins, warn)
+    assert n == int(np.ceil(chi2_quantile(n_bins - 1, 0.99) / warn))
+
+    def share_reaching_warn(size: int) -> float:
+        draws = rng.multinomial(size, reference, size=3000)
+        return float(np.mean([psi(reference, d) >= warn for d in draws]))
+
+    assert share_reaching_warn(n) <= 0.03
+    assert share_reaching_warn(n // 4) >= 0.1
+
+
+def _request_rows(rng: np.random.Generator, n_requests: int, rows_per: int, shift_user: float) -> tuple[np.ndarray, np.ndarray]:
+    """Rows as /recommend sends them: per request one user, its user features the same on
+    every row (here moved by `shift_user`), item features drawn per row."""
+    blocks = []
+    for _ in range(n_requests):
+        rows = rng.normal(size=(rows_per, N_FEATURES))
+        for j, f in enumerate(FEATURES):
+            if f.group == "user":
+                rows[:, j] = rng.normal() + shift_user
+        blocks.append(rows)
+    features = np.vstack(blocks).astype(np.float32)
+    return features, rng.normal(size=len(features)).astype(np.float32)
+
+
+@pytest.mark.parametrize("shift_user", [0.0, 3.0])
+def test_eight_requests_are_insufficient_data_never_an_alert(profile: ReferenceProfile, tmp_path: Path,
+                                                             shift_user: float) -> None:  # fmt: skip
+    """The case of issue 17: /drift after 8 requests reported user_log_count PSI 6.84 alert.
+    8 requests of 200 rows give user features 8 values: their sample is 8 requests."""
+    rng = np.random.default_rng(8)
+    counter = DriftCounter(profile.layout(), tmp_path, "api", window_s=60)
+    for _ in range(8):
+        features, scores = _request_rows(rng, 1, 200, shift_user)
+        counter.add(features, scores, now=1000.0)
+    counts, _ = counter.snapshot()
+    report = drift_report(profile, counts.sum(axis=0), warn=0.1, alert=0.25)
+    for name in USER_FEATURES:
+        assert report["features"][name]["status"] == INSUFFICIENT, report["features"][name]
+        assert report["features"][name]["n"] == 8
+    assert report["features"][USER_FEATURES[0]]["psi"] > 0.25  # the PSI itself is noise-high
+    assert "alert" not in {f["status"] for f in report["features"].values()}
+    assert report["rows"] == 1600 and report["requests"] == 8
+
+
+def test_no_rows_is_insufficient_data_everywhere(profile: ReferenceProfile) -> None:
+    report = drift_report(profile, np.zeros(profile.layout().size, dtype=np.int64), 0.1, 0.25)
+    statuses = {f["status"] for f in report["features"].values()} | {report["score"]["status"]}
+    assert statuses == {INSUFFICIENT} and report["status"] == INSUFFICIENT
+
+
+@pytest.mark.parametrize(("min_rows", "expected"), [(None, INSUFFICIENT), (50, "alert")])
+def test_min_rows_setting_overrides_the_computed_minimum(profile: ReferenceProfile, min_rows: int | None,
+                                                         expected: str) -> None:  # fmt: skip
+    layout = profile.layout()
+    rows = RNG.normal(size=(100, N_FEATURES)).astype(np.float32) + 3.0  # every feature moved
+    counts = _as_requests(layout, layout.count(rows, RNG.normal(size=100) + 3.0), 100)
+    report = drift_report(profile, counts, 0.1, 0.25, min_rows=min_rows)
+    assert report["score"]["status"] == expected
+    assert report["score"]["min_n"] == (min_rows or min_sample(len(profile.score_freqs), 0.1))
+
+
+def test_online_traffic_share_warmed_and_lengths(profile: ReferenceProfile, tmp_path: Path) -> None:
+    counter = DriftCounter(profile.layout(), tmp_path, "api", window_s=60)
+    rows, scores = REFERENCE[:5], REF_SCORES[:5]
+    counter.add(rows, scores, now=10.0)  # trained history only
+    counter.add(rows, scores, online=3, now=10.0)  # known user with 3 online items
+    counter.add(rows, scores, online=1, warmed=1, now=10.0)  # new user, warmed by 1 event
+    counter.add(rows[:0], scores[:0], cold=1, now=10.0)  # cold: no history at all
+    counts, _ = counter.snapshot()
+    online = drift_report(profile, counts.sum(axis=0), 0.1, 0.25)["online"]
+    assert online["requests"] == 2 and online["share"] == 0.5 and online["warmed_share"] == 0.25
+    assert online["mean_length"] == 2.0
+    assert online["length_histogram"] == dict.fromkeys(ONLINE_LENGTH_LABELS, 0) | {"1": 1, "2-4": 1}
