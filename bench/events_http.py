@@ -2,7 +2,7 @@
 workers, 1 ranking worker; 127.0.0.1 only):
 
     python -m bench.events_http            # ~6 minutes; writes bench/results/events_http.{md,json,png}
-    python -m bench.events_http --smoke    # under a minute; checks that the benchmark works
+    python -m bench.events_http --smoke    # a minute or two; checks that the benchmark works
 
 1. POST /events at 64 clients (closed loop), 100-event batches and 1-event requests, on
    SQLite (the default) and on Redis (a redis-server started here with appendfsync always).
@@ -172,6 +172,20 @@ def freshness(ctx: Any, url: str, items: tuple[str, ...], loads: list[tuple[Load
 # -- the run --------------------------------------------------------------------------------
 
 
+def measure_freshness(ctx: Any, url: str, items: tuple[str, ...], recommend: Load, load_users: tuple[str, ...],
+                      capacity: float, args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
+    others = Load("/events", load_users, items, 100, f"fresh-load-{uuid.uuid4().hex[:6]}")
+    seconds = max(3.0, 2 * args.seconds)
+    fresh = {"half": freshness(ctx, url, items, [(recommend, capacity / 2), (others, BARS["events100_eps"] / 10 / 100)],
+                               seconds, args.probes)}  # fmt: skip
+    fresh["half"]["recommend_rate"] = round(capacity / 2, 1)
+    fresh["saturated"] = freshness(ctx, url, items, [(recommend, None)], seconds, args.probes)
+    for name, f in fresh.items():
+        print(json.dumps({"freshness": name, **{k: v for k, v in f.items() if k not in ("samples_ms", "loads")}}),
+              flush=True)  # fmt: skip
+    return fresh
+
+
 def train_model(home: Path, smoke: bool) -> str:
     if smoke:
         args = ["--n-users", "300", "--n-items", "200", "--n-interactions", "12000", "--tune-budget", "0"]
@@ -214,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.smoke:
         args.seconds, args.pairs, args.probes = 1.0, 1, 10
-    warmup = min(2.0, args.seconds)
+    warmup = min(2.0, args.seconds / 2)
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="recsys-events-http-"))
     home = work / "home"
@@ -251,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
 
     recommend = Load("/recommend", known, items)
     pairs: list[dict[str, Any]] = []
-    for _ in range(args.pairs):
+    fresh: dict[str, Any] = {}
+    for n in range(args.pairs):
         pair: dict[str, Any] = {}
         for state in ("on", "off"):
             server = serve(home, tag, work, "sqlite" if state == "on" else "off")
@@ -259,28 +274,14 @@ def main(argv: list[str] | None = None) -> int:
                 if state == "on":
                     populate(server.url, known, items)
                 pair[state] = measure(ctx, server.url, recommend, CLIENTS, args.seconds, warmup)
+                if state == "on" and n == args.pairs - 1:  # the last on-server: freshness too
+                    capacity = statistics.median([*(p["on"]["rps"] for p in pairs), pair["on"]["rps"]])
+                    fresh = measure_freshness(ctx, server.url, items, recommend, load_users, capacity, args)
             finally:
                 server.stop()
         pair["ratio"] = round(pair["on"]["rps"] / pair["off"]["rps"], 4) if pair["off"]["rps"] else None
         pairs.append(pair)
         print(json.dumps({"on_rps": pair["on"]["rps"], "off_rps": pair["off"]["rps"], "ratio": pair["ratio"]}), flush=True)
-
-    capacity = statistics.median(p["on"]["rps"] for p in pairs)
-    fresh: dict[str, Any] = {}
-    server = serve(home, tag, work, "sqlite")
-    try:
-        populate(server.url, known, items)
-        others = Load("/events", load_users, items, 100, f"fresh-load-{uuid.uuid4().hex[:6]}")
-        seconds = max(3.0, 2 * args.seconds)
-        fresh["half"] = freshness(ctx, server.url, items, [(recommend, capacity / 2), (others, BARS["events100_eps"] / 10 / 100)],
-                                  seconds, args.probes)  # fmt: skip
-        fresh["half"]["recommend_rate"] = round(capacity / 2, 1)
-        fresh["saturated"] = freshness(ctx, server.url, items, [(recommend, None)], seconds, args.probes)
-        for name, f in fresh.items():
-            print(json.dumps({"freshness": name, **{k: v for k, v in f.items() if k not in ("samples_ms", "loads")}}),
-                  flush=True)  # fmt: skip
-    finally:
-        server.stop()
 
     report = write_report(args.out, events, pairs, fresh, args)
     print(report)
