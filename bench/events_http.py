@@ -30,6 +30,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -228,9 +229,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.smoke:
         args.seconds, args.pairs, args.probes = 1.0, 1, 10
-    warmup = min(2.0, args.seconds / 2)
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="recsys-events-http-"))
+    try:
+        return run(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, work: Path) -> int:
+    warmup = min(2.0, args.seconds / 2)
     home = work / "home"
     os.environ["BENTOML_HOME"] = str(home)
     tag = train_model(home, args.smoke)
