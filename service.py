@@ -54,6 +54,7 @@ from models.serving.bentoml_patches import (
     skip_unexported_tracing,
 )
 from models.serving.events import InvalidEvent
+from models.serving.export_loop import ExportLoop
 from models.serving.guard import RequestGuard, TokenGuard
 from models.serving.monitoring import DriftMonitor
 from models.serving.online import BackendUnavailable, make_state
@@ -241,6 +242,10 @@ class ApiService:
         # Opened here, in the worker (after the fork): connections must not cross processes.
         state = make_state(settings)
         self.realtime = RealTime(settings, state) if state is not None else None
+        # Every worker runs one; a lock per journal lets one export at a time (export_loop.py).
+        self.export_loop = (ExportLoop(state, settings.event_log_path, settings.event_export_batch,
+                                       settings.event_log_interval_s)
+                            if state is not None and settings.event_log_interval_s > 0 else None)  # fmt: skip
         # The served versions live in `ranking` only: a switch replaces them there, and each
         # request keeps the Variant it started with (tables, drift, version id) to its end.
         self.ranking = Ranking(settings, champion, challenger, self._score, self.realtime)
@@ -310,14 +315,20 @@ class ApiService:
         await asyncio.gather(*(proxy.__aenter__() for proxy in self._more_rankers))
         self._flushers = {v.tag: v.drift.start_flusher() for v in self.ranking.variants}
         self._follow_task = self.follower.start()
+        if self.export_loop is not None:
+            self.export_loop.start()
         if settings.log_format == "json":
             json_server_logs()
         freeze_startup_heap()
 
     @bentoml.on_shutdown
     def close_online_state(self) -> None:
-        """Write the queued impressions, then close the state (events are acknowledged only
-        once durable: none is waiting here)."""
+        """Write the queued impressions, export what the log lacks, then close the state
+        (events are acknowledged only once durable: none is waiting here)."""
+        if self.realtime is not None:
+            self.realtime.flush()
+        if self.export_loop is not None:
+            self.export_loop.stop(settings.event_log_shutdown_wait_s)
         if self.realtime is not None:
             self.realtime.close()
 

@@ -26,7 +26,16 @@ from models.lifecycle.registry import RegistryError
 from models.lifecycle.store import ModelCheckError
 from models.serving.settings import RecsysSettings
 from training.dask_engine import DaskEngine
-from training.datasets import DataError, Dataset, interactions, movielens, synthetic, write_synthetic
+from training.datasets import (
+    EVENT_TYPES,
+    DataError,
+    Dataset,
+    interactions,
+    movielens,
+    synthetic,
+    with_events,
+    write_synthetic,
+)
 from training.lifecycle import Decision, decide, models_main
 from training.pipeline import TrainConfig, TrainResult, metrics_table, train
 from training.ranker import RankerParams
@@ -67,8 +76,15 @@ def build_parser(retrain: bool = False) -> argparse.ArgumentParser:
             description=_top_level_help(),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-    p.add_argument("--dataset", choices=DATASETS, default="synthetic", help="default: synthetic")
+    p.add_argument("--dataset", choices=DATASETS, default=None,
+                   help="default: synthetic; with --events and no --dataset: the event log alone")  # fmt: skip
     p.add_argument("--data", help="movielens: the folder with ratings.csv; interactions: the file")
+    p.add_argument("--events", default=None, metavar="PATH",
+                   help="the service's event log (RECSYS_EVENT_LOG_PATH: a folder or a URL), alone or on "
+                   "top of --dataset; users and items join by id, every event of --event-types is an "
+                   "interaction (one per user and item)")  # fmt: skip
+    p.add_argument("--event-types", type=_event_types, default=EVENT_TYPES, metavar="TYPES",
+                   help=f"comma-separated event types that count (default: all, {','.join(EVENT_TYPES)})")
     p.add_argument("--model-name", default=None, help="store name (default: RECSYS_MODEL_NAME)")
     p.add_argument("--dry-run", action="store_true", help="train and evaluate, save nothing")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
@@ -136,6 +152,14 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _event_types(text: str) -> tuple[str, ...]:
+    types = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    bad = [t for t in types if t not in EVENT_TYPES]
+    if bad or not types:
+        raise argparse.ArgumentTypeError(f"{text!r}: valid types are {', '.join(EVENT_TYPES)} (one or more, comma-separated)")
+    return types
+
+
 def train_config(args: argparse.Namespace) -> TrainConfig:
     """The training configuration the options ask for."""
     return TrainConfig(
@@ -154,7 +178,18 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def load_dataset(args: argparse.Namespace) -> Dataset:
-    if args.dataset == "synthetic":
+    """The data the options name: --dataset (default synthetic), with --events on top; or
+    --events alone (no --dataset), with the generic --items options for its item file."""
+    if args.events is None:
+        return load_base(args)
+    if args.dataset is None:
+        return with_events(None, args.events, args.event_types, items_path=args.items, items_id_col=args.items_id_col,
+                           title_col=args.title_col, genres_col=args.genres_col, year_col=args.year_col)  # fmt: skip
+    return with_events(load_base(args), args.events, args.event_types)
+
+
+def load_base(args: argparse.Namespace) -> Dataset:
+    if args.dataset in (None, "synthetic"):
         return synthetic(args.n_users, args.n_items, args.n_interactions, seed=args.seed)
     if not args.data:
         raise DataError(f"--dataset {args.dataset} needs --data PATH")

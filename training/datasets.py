@@ -17,6 +17,8 @@ import numpy as np
 import pandas as pd
 
 from models.core.interactions import InteractionLog, ItemCatalog, build_log
+from models.serving.event_log import read_event_log
+from models.serving.events import EVENT_TYPES as SERVED_EVENT_TYPES
 
 MOVIELENS_RATINGS = "ratings.csv"
 MOVIELENS_MOVIES = "movies.csv"
@@ -325,6 +327,25 @@ def _ratings(frame: pd.DataFrame, path: Path, column: str | None) -> np.ndarray:
     return numeric.to_numpy(dtype=np.float32)
 
 
+def _item_file(items_path: str | Path | None, items_id_col: str = "item_id", title_col: str | None = "title",
+               genres_col: str | None = "genres", year_col: str | None = None) -> pd.DataFrame:  # fmt: skip
+    """An item file (id, title, "|"-separated genres, year) as item_id, title, genres, year;
+    empty when there is none."""
+    if items_path is None:
+        return pd.DataFrame({"item_id": [], "title": [], "genres": [], "year": []})
+    ipath = Path(items_path)
+    iraw = _read_table(ipath)
+    _require(iraw, ipath, [items_id_col])
+    ids = _ids(iraw, ipath, items_id_col)
+    titles = iraw[title_col].astype(str) if title_col and title_col in iraw else ids
+    genres = iraw[genres_col].fillna("").astype(str) if genres_col and genres_col in iraw else ""
+    if year_col and year_col in iraw:
+        years = pd.to_numeric(iraw[year_col], errors="coerce").fillna(-1.0)
+    else:
+        years = titles.str.extract(_YEAR_IN_TITLE, expand=False).astype(float).fillna(-1.0)
+    return pd.DataFrame({"item_id": ids, "title": titles, "genres": genres, "year": years})
+
+
 def interactions(
     path: str | Path,
     user_col: str = "user_id",
@@ -351,20 +372,7 @@ def interactions(
             "rating": _ratings(raw, path, rating_col),
         }
     )
-    if items_path is not None:
-        ipath = Path(items_path)
-        iraw = _read_table(ipath)
-        _require(iraw, ipath, [items_id_col])
-        ids = _ids(iraw, ipath, items_id_col)
-        titles = iraw[title_col].astype(str) if title_col and title_col in iraw else ids
-        genres = iraw[genres_col].fillna("").astype(str) if genres_col and genres_col in iraw else ""
-        if year_col and year_col in iraw:
-            years = pd.to_numeric(iraw[year_col], errors="coerce").fillna(-1.0)
-        else:
-            years = titles.str.extract(_YEAR_IN_TITLE, expand=False).astype(float).fillna(-1.0)
-        items = pd.DataFrame({"item_id": ids, "title": titles, "genres": genres, "year": years})
-    else:
-        items = pd.DataFrame({"item_id": [], "title": [], "genres": [], "year": []})
+    items = _item_file(items_path, items_id_col, title_col, genres_col, year_col)
     source = {"path": str(path), "items_path": str(items_path) if items_path else None}
     return _finish(name, frame, items, str(path), source)
 
@@ -387,3 +395,71 @@ def movielens(directory: str | Path) -> Dataset:
         genres_col="genres",
         name="movielens",
     )
+
+
+# -- the service's event log -------------------------------------------------------------
+
+# What the service's POST /events take (models/serving/events.py): every type by default.
+EVENT_TYPES: tuple[str, ...] = SERVED_EVENT_TYPES
+
+
+def _frame_of(dataset: Dataset) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A dataset back as its frames: interactions (user_id, item_id, ts, rating) and items."""
+    log, cat = dataset.log, dataset.catalog
+    frame = pd.DataFrame({"user_id": log.user_ids[log.user], "item_id": cat.item_ids[log.item],
+                          "ts": log.ts, "rating": log.rating})  # fmt: skip
+    items = pd.DataFrame({"item_id": cat.item_ids, "title": cat.titles, "genres": cat.genres, "year": cat.years})
+    return frame, items
+
+
+def event_interactions(uri: str, types: tuple[str, ...] = EVENT_TYPES) -> pd.DataFrame:
+    """The event log (models/serving/event_log.py; a folder or a URL) as interactions:
+    user_id, item_id, ts (epoch seconds, int), rating.
+
+    Every event of `types` is an implicit interaction: the user touched the item (the ranker
+    learns from which items users touch, not how; it has no weights). Events are joined by
+    their external ids, the ones the service's clients send. A (user, item) pair becomes one
+    interaction, at its first event's time (when the item entered the user's history), with
+    the value of the pair's latest `rating` event as its rating (NaN when none). An event id
+    repeated in the log counts once."""
+    unknown = sorted(set(types) - set(SERVED_EVENT_TYPES))
+    if unknown or not types:
+        raise DataError(f"{uri}: event types {list(types)!r} (rule: one or more of {', '.join(SERVED_EVENT_TYPES)})")
+    try:
+        log = read_event_log(uri)
+    except (OSError, ValueError) as err:  # pyarrow: a missing or unreadable folder, bad files
+        raise DataError(f"{uri}: cannot be read as an event log: {err}") from err
+    log = log[log["type"].isin(types)]
+    if log.empty:
+        raise DataError(f"{uri}: no events of the types {', '.join(types)} (rule: at least one event)")
+    log = log.sort_values(["ts", "event_id"], kind="stable")
+    pairs = log.groupby(["user_id", "item_id"], sort=False)
+    rated = log[log["type"] == "rating"].groupby(["user_id", "item_id"], sort=False)["value"].last()
+    frame = pairs["ts"].min().to_frame("ts").join(rated.rename("rating")).reset_index()
+    frame["ts"] = np.floor(frame["ts"].to_numpy(dtype=np.float64)).astype(np.int64)
+    frame["rating"] = frame["rating"].astype(np.float32)
+    return frame[["user_id", "item_id", "ts", "rating"]]
+
+
+def with_events(base: Dataset | None, uri: str, types: tuple[str, ...] = EVENT_TYPES,
+                items_path: str | Path | None = None, **item_cols: Any) -> Dataset:  # fmt: skip
+    """The event log alone (`base` None), or added to a base dataset.
+
+    Alone: the catalog is the items of the events, with the attributes of `items_path` when
+    given (an item file as `interactions` reads it: `items_id_col`, `title_col`, ...).
+    With a base: its interactions and catalog, plus the events' (user, item) pairs it does not
+    have (a pair it has keeps its base row); users and items match by external id. Items new
+    to the catalog (sold since the base data was made) join it without attributes (no title,
+    genres or year): the model can recommend them from how users touch them."""
+    events = event_interactions(uri, types)
+    if base is None:
+        items = _item_file(items_path, **item_cols)
+        source = {"events": uri, "event_types": list(types), "items_path": str(items_path) if items_path else None}
+        return _finish("events", events, items, uri, source)
+    frame, items = _frame_of(base)
+    seen = pd.MultiIndex.from_frame(frame[["user_id", "item_id"]])
+    new = events[~pd.MultiIndex.from_frame(events[["user_id", "item_id"]]).isin(seen)]
+    source = {"base": base.name, "base_source": base.source, "events": uri, "event_types": list(types),
+              "event_pairs": len(events), "event_pairs_added": len(new)}  # fmt: skip
+    return _finish(f"{base.name}+events", pd.concat([frame, new], ignore_index=True), items,
+                   f"{base.name} + {uri}", source)  # fmt: skip

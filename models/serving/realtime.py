@@ -131,9 +131,14 @@ class RealTime:
     def _count_failure(operation: str, reason: str) -> None:
         _metrics()["failures"].labels(operation=operation, reason=reason).inc()
 
-    def close(self) -> None:
+    def flush(self) -> None:
+        """Write what the writers hold and stop them (the state stays open: the exporter's
+        last round at shutdown reads it)."""
         self.events.close()
         self.impressions.close()
+
+    def close(self) -> None:
+        self.flush()
         self.state.close()
 
 

@@ -242,6 +242,16 @@ class RecsysSettings(BaseSettings):
     event_export_batch: int = Field(
         50_000, ge=1, description="Most journal entries the exporter writes per Parquet file."
     )
+    # The exporter inside the service (models/serving/export_loop.py).
+    event_log_interval_s: float = Field(
+        30.0, ge=0, description="Seconds between exports of the online state's journals to the "
+        "event log (then old state is expired), by one API worker at a time, and once more at "
+        "shutdown; 0 turns the service's exporter off (export from a job, or another replica)."
+    )
+    event_log_shutdown_wait_s: float = Field(
+        10.0, ge=0, description="Longest a stopping API worker waits for another worker's export "
+        "to finish before its own last export."
+    )
 
     # The registry of stages (models/lifecycle/registry.py reads the variable itself: the
     # lifecycle layer has no settings). MLflow's own name, so that its CLI and UI agree.

@@ -73,3 +73,20 @@ def test_simulate_smoke(tmp_path: Path) -> None:
     mine = counted[(served["model_tag"], "champion")]
     assert mine["impressions"] == served["steps"] and mine["clicks"] == served["hits"]
     assert (tmp_path / "simulate.png").read_bytes()[:4] == b"\x89PNG"
+def test_events_http_benchmark_smoke(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.events_http", "--smoke", "--out", str(tmp_path)],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, check=False, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    report = json.loads((tmp_path / "events_http.json").read_text())
+    assert {(c["backend"], c["batch"]) for c in report["events"]} == {("sqlite", 100), ("sqlite", 1), ("redis", 100), ("redis", 1)}
+    assert all(c["ok"] > 0 and c["failed"] == 0 for c in report["events"])
+    assert all(p["on"]["ok"] > 0 and p["off"]["ok"] > 0 and p["ratio"] > 0 for p in report["pairs"])
+    for load in ("half", "saturated"):
+        fresh = report["freshness"][load]
+        # Whatever the machine's speed: every acknowledged event shows in a later /recommend.
+        assert fresh["probes"] == 10 and fresh["failed"] == 0 and fresh["unseen"] == 0, fresh
+        assert 0 < fresh["p50_ms"] <= fresh["p99_ms"]
+    assert len(report["bars"]) == 4 and "| bar | measured | met |" in (tmp_path / "events_http.md").read_text()
+    assert (tmp_path / "events_http.png").read_bytes()[:4] == b"\x89PNG"

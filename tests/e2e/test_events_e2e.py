@@ -1,16 +1,19 @@
 """POST /events on a real `bentoml serve` with two API workers and the SQLite online state:
 accepted, deduplicated, refused all or nothing; the next /recommend shows the events on
-whichever worker answers; and an acknowledged batch survives a `kill -9` of the serve tree."""
+whichever worker answers; and an acknowledged batch survives a `kill -9` of the serve tree,
+in the online state and, exported by the service, in the Parquet event log exactly once."""
 
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import bentoml
 import httpx
+import pyarrow.parquet as pq
 import pytest
 
 from models.core.recommender import Recommender
@@ -39,8 +42,15 @@ def _serve(trained: TrainResult, bentoml_home: Path, online_path: Path, **env: s
     assert trained.tag is not None
     return start_server(["service:ApiService"], cwd=PROJECT_ROOT, env={
         "BENTOML_HOME": str(bentoml_home), "RECSYS_MODEL_TAG": trained.tag, "RECSYS_API_WORKERS": "2",
-        "RECSYS_ONLINE_BACKEND": "sqlite", "RECSYS_ONLINE_PATH": str(online_path), **env,
+        "RECSYS_ONLINE_BACKEND": "sqlite", "RECSYS_ONLINE_PATH": str(online_path),
+        "RECSYS_EVENT_LOG_PATH": str(online_path.parent / "event_log"), **env,
     })  # fmt: skip
+
+
+def _logged_ids(log_root: Path) -> Counter[str]:
+    """How often each event id is in the log's files (the reader would drop repeats)."""
+    files = sorted((log_root / "events").rglob("*.parquet")) if (log_root / "events").is_dir() else []
+    return Counter(i for f in files for i in pq.read_table(f, columns=["event_id"])["event_id"].to_pylist())
 
 
 def _state(path: Path) -> SqliteState:
@@ -145,29 +155,45 @@ def test_readiness_reports_the_online_state(events_server: ServerProcess) -> Non
     assert httpx.get(f"{events_server.url}/readyz", timeout=10).status_code == 200
 
 
-def test_acknowledged_events_survive_kill_9(trained: TrainResult, bentoml_home: Path, local: Recommender,
-                                            tmp_path: Path) -> None:  # fmt: skip
-    path = tmp_path / "state.sqlite3"
-    server = _serve(trained, bentoml_home, path)
+def test_acknowledged_events_survive_kill_9_and_are_logged_exactly_once(
+    trained: TrainResult, bentoml_home: Path, local: Recommender, tmp_path: Path
+) -> None:
+    """The service exports every 0.2 s: a first batch is exported, a second one is killed
+    -9 right after its acknowledgement (before, during or after its export); the restarted
+    service serves both, and after its graceful stop (its one export) the log holds every
+    acknowledged event exactly once."""
+    path, log_root = tmp_path / "state.sqlite3", tmp_path / "event_log"
+    fast = {"RECSYS_EVENT_LOG_INTERVAL_S": "0.2"}
+    server = _serve(trained, bentoml_home, path, **fast)
     user = f"crash-{uuid.uuid4().hex}"
-    batch = [_event(user, i) for i in local.tables.item_ids[:50].tolist()]
+    items = local.tables.item_ids[:100].tolist()
+    first, second = [_event(user, i) for i in items[:50]], [_event(user, i) for i in items[50:]]
     try:
-        assert _post(server, batch).json()["new"] == 50
+        assert _post(server, first).json()["new"] == 50
+        poll_until(lambda: _logged_ids(log_root), 30, "the first batch exported",
+                   done=lambda ids: set(ids) >= {e["event_id"] for e in first})  # fmt: skip
+        assert _post(server, second).json()["new"] == 50
     finally:
         server.kill()
     state = _state(path)
     try:
-        assert {r.item_id for r in state.recent(user, 200)} == {e["item_id"] for e in batch}
+        assert {r.item_id for r in state.recent(user, 200)} == set(items)
     finally:
         state.close()
-    # A restart on the same file serves them, and the same batch is all duplicates.
-    server = _serve(trained, bentoml_home, path)
+    # A restart on the same file serves them, and the same batches are all duplicates. Its
+    # rounds are an hour apart: what it logs, its last export at shutdown logs.
+    server = _serve(trained, bentoml_home, path, RECSYS_EVENT_LOG_INTERVAL_S="3600")
+    third = [_event(f"{user}-after", i) for i in items[:10]]
     try:
-        assert _post(server, batch).json() == {"new": 0, "duplicates": 50, "unknown_items": []}
+        assert _post(server, first + second).json() == {"new": 0, "duplicates": 100, "unknown_items": []}
         got = httpx.post(f"{server.url}/recommend", json={"user_id": user}, timeout=30).json()
-        assert got["history"]["online"] == 50
+        assert got["history"]["online"] == 100
+        assert _post(server, third).json()["new"] == 10
     finally:
-        server.stop()
+        assert server.stop() is not None
+    logged = _logged_ids(log_root)
+    assert set(logged) == {e["event_id"] for e in first + second + third}
+    assert max(logged.values()) == 1, [i for i, n in logged.items() if n > 1]
 
 
 def test_a_stopped_redis_is_a_503_with_retry_after_then_recovers(trained: TrainResult, bentoml_home: Path,

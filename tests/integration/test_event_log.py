@@ -14,8 +14,10 @@ import pytest
 
 from models.serving.event_log import EventLogExporter, read_event_log, read_impressions
 from models.serving.events import Event, Impression
+from models.serving.export_loop import ExportLoop, journal_lock, lock_path
 from models.serving.online.base import OnlineLimits, OnlineState
 from models.serving.online.sqlite import SqliteState
+from tests.helpers import poll_until
 from tests.integration.conftest import StoreUnderTest
 
 DAY = 86400.0
@@ -166,3 +168,39 @@ def test_a_new_store_logs_beside_the_old_one_and_the_reader_keeps_an_id_once(tmp
     finally:
         old.close()
         new.close()
+
+
+def test_the_service_loop_exports_one_worker_at_a_time_and_once_more_at_stop(state: OnlineState,
+                                                                            tmp_path: Path) -> None:  # fmt: skip
+    """Two loops on one journal (two API workers): a round finds the other's lock held and
+    skips; the thread exports by itself; `stop` exports what came after the last round."""
+    root = tmp_path / "log"
+    first = ExportLoop(state, str(root), batch_size=7, interval_s=0.05, lock_dir=tmp_path)
+    second = ExportLoop(state, str(root), batch_size=7, interval_s=3600, lock_dir=tmp_path)
+    state.write_events(events(0, 10))
+    with journal_lock(lock_path(state.journal_id, tmp_path), wait_s=0) as held:
+        assert held
+        assert second.run_once(wait_s=0) is None  # held by "another worker": skipped
+    assert second.run_once(wait_s=0) == {"events": 10, "impressions": 0}
+    first.start()
+    state.write_events(events(10, 5))
+    poll_until(lambda: len(read_event_log(str(root))), 10, "the loop's export", done=lambda n: n == 15)
+    state.write_events(events(15, 3))
+    first.stop(final_wait_s=5)  # the thread may or may not have taken these: the log has each once
+    assert logged_rows(str(root)) == as_rows(events(0, 18))
+    assert len(raw_event_ids(root)) == 18
+
+
+def test_a_failed_round_is_counted_and_the_next_one_exports(state: OnlineState, tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the log's folder should be")
+    loop = ExportLoop(state, str(blocker), batch_size=7, interval_s=3600, lock_dir=tmp_path)
+    state.write_events(events(0, 4))
+    assert loop.run_once(wait_s=0) is None
+    blocker.unlink()
+    assert loop.run_once(wait_s=0) == {"events": 4, "impressions": 0}
+
+
+def raw_event_ids(root: Path) -> list[str]:
+    """Every event id in the log's files, repeats kept (the reader drops them)."""
+    return [i for f in parquet_files(root / "events") for i in pq.read_table(f, columns=["event_id"])["event_id"].to_pylist()]
