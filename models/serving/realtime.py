@@ -13,6 +13,7 @@ import concurrent.futures
 import functools
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -58,11 +59,13 @@ class RealTime:
         self.settings = settings
         self.state = state
         self.events = GroupCommitWriter(state, settings.max_events, "events")
-        self.impressions = GroupCommitWriter(state, settings.max_events, "impressions")
+        self.impressions = GroupCommitWriter(state, settings.max_events, "impressions",
+                                             linger_s=settings.online_impression_linger_ms / 1000)  # fmt: skip
         # Impressions are written off the response path; bounded, so that a slow backend
         # cannot pile them up in memory (beyond the bound they are dropped and counted).
         self._max_pending = settings.max_in_flight
         self._pending = 0
+        self._pending_lock = threading.Lock()
         self._failures_logged: set[str] = set()
         self.outcomes = OutcomeCounter(state, settings.max_in_flight)
 
@@ -100,16 +103,21 @@ class RealTime:
         follow once the client has the response, by which time the group commit (a few ms)
         is done. A failed write is counted (recsys_online_failures_total{operation=impression})."""
         self.outcomes.served(impression)  # counted as served, whether or not its write succeeds
-        if self._pending >= self._max_pending:
+        with self._pending_lock:
+            if self._pending >= self._max_pending:
+                full = True
+            else:
+                full, self._pending = False, self._pending + 1
+        if full:
             self._count_failure("impression", "overflow")
             return
-        self._pending += 1
-        future = self.impressions.write_future([impression])
-        loop = asyncio.get_running_loop()
-        future.add_done_callback(lambda f: loop.call_soon_threadsafe(self._recorded, f))
+        # The outcome is handled in the writer's thread: waking the event loop for every
+        # impression (call_soon_threadsafe) cost every /recommend a turn of the loop.
+        self.impressions.write_future([impression]).add_done_callback(self._recorded)
 
     def _recorded(self, future: concurrent.futures.Future[WriteResult]) -> None:
-        self._pending -= 1
+        with self._pending_lock:
+            self._pending -= 1
         err = future.exception()
         if isinstance(err, BackendUnavailable):
             self._failed("impression", err)

@@ -248,6 +248,11 @@ class RecsysSettings(BaseSettings):
         "event log (then old state is expired), by one API worker at a time, and once more at "
         "shutdown; 0 turns the service's exporter off (export from a job, or another replica)."
     )
+    online_impression_linger_ms: float = Field(
+        10.0, ge=0, description="How long the impressions' writer waits after the first one for "
+        "more, to write them in one commit (nobody waits on an impression; a click on a response "
+        "comes later than this)."
+    )
     event_log_shutdown_wait_s: float = Field(
         10.0, ge=0, description="Longest a stopping API worker waits for another worker's export "
         "to finish before its own last export."

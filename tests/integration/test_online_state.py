@@ -147,6 +147,25 @@ def test_impressions_in_a_batch_and_joined_from_concurrent_responses(state: Onli
         writer.close()
 
 
+def test_a_lingering_writer_joins_writes_that_arrive_apart_and_writes_all_at_close(state: OnlineState) -> None:
+    """Impressions one at a time, 2 ms apart (responses of a loaded worker): a writer that
+    lingers 200 ms commits them together; close() still writes the group it holds."""
+    writer = GroupCommitWriter(state, max_events=1000, kind="impressions", linger_s=0.2)
+    try:
+        futures = []
+        for i in range(10):
+            futures.append(writer.write_future([Impression(f"l{i}", "u3", ("a",), "v1", "champion", 1.0)]))
+            time.sleep(0.002)
+        assert all(f.result(timeout=10).new == (True,) for f in futures)
+        assert writer.commits <= 2, writer.commits
+        late = writer.write_future([Impression("late", "u3", ("a",), "v1", "champion", 1.0)])
+    finally:
+        writer.close()
+    assert late.result(timeout=1).new == (True,) and state.impression("late") is not None
+    with pytest.raises(ValueError, match="linger_s"):
+        GroupCommitWriter(state, max_events=1000, linger_s=-1)
+
+
 def test_retention_drops_old_user_state_and_only_exported_old_journal_entries(online_store: StoreUnderTest) -> None:
     retention, journal_s = 1000.0, 100.0
     state = online_store.open(retention_s=retention, journal_s=journal_s)
