@@ -90,7 +90,10 @@ def known_tags(name: str) -> Iterator[str]:
     version it does not hold yet, lazily: the local store's versions first (newest first;
     no network), then the registry's stages and history (from a shared registry, which
     ensure_local fetches)."""
-    stored = sorted(bentoml.models.list(name), key=lambda m: m.info.creation_time, reverse=True)
+    try:
+        stored = sorted(bentoml.models.list(name), key=lambda m: m.info.creation_time, reverse=True)
+    except NotFound:  # no version of this name here (a shared registry may have some)
+        stored = []
     yield from (str(m.tag) for m in stored)
     try:
         reg = registry.load(name)
