@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,17 +85,21 @@ def wanted_stages(settings: RecsysSettings) -> Stages:
     return champion, challenger
 
 
-def known_tags(name: str) -> list[str]:
-    """Every version of `name` a caller may name: the registry's stages and history first,
-    then the local store's versions, newest first (for a ranking service asked to score a
-    version it does not hold yet)."""
+def known_tags(name: str) -> Iterator[str]:
+    """Every version of `name` a caller may name, for a ranking service asked to score a
+    version it does not hold yet, lazily: the local store's versions first (newest first;
+    no network), then the registry's stages and history (from a shared registry, which
+    ensure_local fetches)."""
+    try:
+        stored = sorted(bentoml.models.list(name), key=lambda m: m.info.creation_time, reverse=True)
+    except NotFound:  # no version of this name here (a shared registry may have some)
+        stored = []
+    yield from (str(m.tag) for m in stored)
     try:
         reg = registry.load(name)
-        staged = [t for t in (reg.champion, reg.challenger, *reversed(reg.history)) if t]
     except RegistryError:
-        staged = []
-    stored = sorted(bentoml.models.list(name), key=lambda m: m.info.creation_time, reverse=True)
-    return list(dict.fromkeys([*staged, *(str(m.tag) for m in stored)]))
+        return
+    yield from (t for t in (reg.champion, reg.challenger, *reversed(reg.history)) if t)
 
 
 def in_local_store(tag: str) -> bool:

@@ -145,6 +145,7 @@ def valid_bodies(trained: TrainResult) -> dict[str, dict[str, object]]:
         "/recommend": BODY, "/rank": {"user_id": "u1", "item_ids": [item]},
         "/score": {"rows": [dict.fromkeys(FEATURE_NAMES, 0.5)]}, "/model": {}, "/drift": {},
         "/events": {"events": [{"event_id": "e-json", "user_id": "u-json", "item_id": item, "type": "view"}]},
+        "/admin/reload": {},  # admin keys only: tests/e2e/test_reload_e2e.py, tests/unit/test_guard.py
     }  # fmt: skip
     assert set(bodies) == {api.route for api in service.ApiService.apis.values()}, "a new API: add its body"
     return bodies

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from models.core.schema import N_FEATURES
+from models.serving.versioned import tag_rows, version_id
 from tests.helpers import PROJECT_ROOT, ServerProcess, start_server
 from training.pipeline import TrainResult
 
@@ -29,9 +30,10 @@ def ranker(trained: TrainResult, bentoml_home: Path) -> Iterator[ServerProcess]:
         proc.stop()
 
 
-def score(ranker: ServerProcess, headers: dict[str, str]) -> httpx.Response:
-    # BentoML's JSON body for a numpy input: {"features": [[...], ...]}.
-    body = {"features": np.zeros((2, N_FEATURES)).tolist()}
+def score(ranker: ServerProcess, headers: dict[str, str], tag: str) -> httpx.Response:
+    # BentoML's JSON body for a numpy input: {"features": [[...], ...]}; each row names its
+    # version first (models/serving/versioned.py).
+    body = {"features": tag_rows(version_id(tag), np.zeros((2, N_FEATURES))).tolist()}
     return httpx.post(f"{ranker.url}/score", json=body, headers=headers, timeout=10)
 
 
@@ -41,8 +43,8 @@ def score(ranker: ServerProcess, headers: dict[str, str]) -> httpx.Response:
     ids=["no token", "wrong token", "token"],
 )
 def test_the_ranking_service_scores_only_for_the_token(ranker: ServerProcess, headers: dict[str, str],
-                                                       status: int) -> None:  # fmt: skip
-    response = score(ranker, headers)
+                                                       status: int, trained: TrainResult) -> None:  # fmt: skip
+    response = score(ranker, headers, str(trained.tag))
     assert response.status_code == status, response.text
     if status == 200:
         assert len(response.json()) == 2

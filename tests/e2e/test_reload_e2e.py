@@ -105,7 +105,9 @@ def test_promote_then_rollback_reach_the_running_server(server: ServerProcess, v
     with bentoml.SyncHTTPClient(server.url) as client:
         answer = client.recommend(user_id="u1", k=5)
         info = client.model_info()
+        drift = client.drift_status()
     assert (answer["model_tag"], answer["variant"]) == (second, "champion")
+    assert drift["model_version"] == second  # drift counting follows the switch
     assert info["reload"]["follows"] and info["reload"]["last_attempt"]["result"] in ("switched", None)
     registry.rollback(NAME, reason="e2e reload")
     took_back = wait_switch(server, first)

@@ -11,8 +11,9 @@ import pytest
 
 from models.lifecycle.registry import RegistryError
 from models.lifecycle.store import ModelCheckError
-from models.serving.plan import Stages
+from models.serving.plan import Stages, known_tags
 from models.serving.reload import StageFollower
+from training.pipeline import TrainResult
 
 pytestmark = pytest.mark.filterwarnings("ignore:bentoml.metrics module is deprecated:DeprecationWarning")
 
@@ -130,3 +131,11 @@ def test_the_polling_task_switches_within_its_interval() -> None:
 
     asyncio.run(run())
     assert worker.served == ("m:b", None)
+
+
+def test_known_tags_list_the_store_first_then_the_registry(trained: TrainResult) -> None:
+    """What a ranking service may load when a call names a version it does not hold."""
+    name = str(trained.tag).split(":")[0]
+    tags = known_tags(name)
+    assert next(tags) == trained.tag  # the store's newest, before the registry is read
+    assert list(known_tags("no-such-model")) == []
