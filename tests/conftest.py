@@ -1,5 +1,6 @@
 """Shared fixtures. Every test session gets its own temporary BENTOML_HOME, set before
-BentoML is imported, so tests never read or write the user's model store."""
+BentoML is imported, so tests never read or write the user's model store (nor, with
+MLFLOW_TRACKING_URI unset, the user's MLflow registry)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 _SESSION_HOME = tempfile.mkdtemp(prefix="recsys-test-bentoml-")
 os.environ["BENTOML_HOME"] = _SESSION_HOME
 os.environ.pop("RECSYS_MODEL_TAG", None)
+os.environ.pop("MLFLOW_TRACKING_URI", None)  # the embedded registry of the session home, never a real server
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
 import pytest  # noqa: E402

@@ -102,10 +102,18 @@ def cmd_list(name: str) -> list[dict[str, Any]]:
     return [_summary(m, reg) for m in sorted(models, key=lambda m: m.info.creation_time, reverse=True)]
 
 
+def _local_model(tag: str) -> bentoml.Model:
+    """The stored version; one trained on another machine is fetched first (and checked)."""
+    try:
+        return bentoml.models.get(tag)
+    except NotFound:
+        registry.ensure_local(tag)
+        return bentoml.models.get(tag)
+
+
 def cmd_show(ref: str, name: str) -> dict[str, Any]:
-    tag = resolve_ref(ref, name)
-    model = bentoml.models.get(tag)
-    return {**_summary(model, registry.load(tag.split(":")[0])), "labels": dict(model.info.labels),
+    model = _local_model(resolve_ref(ref, name))
+    return {**_summary(model, registry.load(str(model.tag.name))), "labels": dict(model.info.labels),
             "metadata": model.info.metadata}  # fmt: skip
 
 
@@ -121,7 +129,7 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def cmd_compare(a_ref: str, b_ref: str, name: str) -> dict[str, Any]:
     """B against A: metric deltas, feature-schema differences, parameter differences."""
-    a, b = (bentoml.models.get(resolve_ref(r, name)) for r in (a_ref, b_ref))
+    a, b = (_local_model(resolve_ref(r, name)) for r in (a_ref, b_ref))
     ma, mb = a.info.metadata, b.info.metadata
     deltas = {}
     for key in ("model", "baseline_cooccurrence", "baseline_popularity"):

@@ -31,6 +31,7 @@ from models.core.params import CandidateParams
 from models.core.ranking import predict_scores, top_k
 from models.core.schema import FEATURE_NAMES, ITEM_FEATURES, N_FEATURES, SCHEMA_HASH, schema_as_dict
 from models.core.tables import ServingTables, build_tables
+from models.lifecycle.registry import ensure_local
 from models.lifecycle.store import DEFAULT_MODEL_NAME, open_version, save_version
 from training.datasets import DataError, Dataset
 from training.engine import Engine
@@ -215,6 +216,7 @@ def evaluate_version(
 ) -> dict[str, Any]:
     """Another stored version (the champion) on this run's test slice: its own booster and
     candidate parameters, tables from the same history, the same users and test items."""
+    ensure_local(tag)  # a champion trained on another machine: fetched from the registry, checked
     version = open_version(tag)
     tables = window_tables(test, dataset, genre_names, version.params)
     return evaluate(version.load_booster(config.nthread), tables, test, version.params, config.k).metrics

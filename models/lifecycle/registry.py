@@ -25,7 +25,9 @@ holds a lock that is itself a registered model, `<name>.lock`: creating a regist
 atomic in the tracking database (its name is unique), so exactly one writer, on any machine,
 gets it; the others retry until LOCK_TIMEOUT_S. `promote(..., expected_champion=...)` reads
 the champion under that lock. A lock older than LOCK_STALE_S (its holder died) is broken; the
-one window left is a holder stalled for longer than that, which no registry write takes. A
+windows left are a holder stalled for longer than that (no registry write takes that long:
+uploads happen before the lock is taken) and two waiters breaking one stale lock at the same
+instant (the second can delete the first's new lock). A
 failure between the writes of one change (history, then aliases, then events, each atomic on
 its own) is undone where it can be (a failed alias write puts the history back); a process
 killed between them can leave part of it applied, never an event without its change.

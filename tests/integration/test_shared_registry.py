@@ -55,4 +55,6 @@ def test_a_promotion_and_a_rollback_reach_a_machine_that_lacks_the_versions(
     assert rolled["champion"] == first["tag"]
     fetched = on(home_b, mlflow_server, ["-c", MACHINE_B, NAME])
     assert fetched["tag"] == first["tag"] and Path(fetched["path"]).is_relative_to(home_b)
-    assert not list(home_b.glob("mlflow.db")) and not list(home_a.glob("mlflow.db"))  # the server's only
+    shown = on(tmp_path / "c", mlflow_server, ["-m", "training", "models", "show", "champion", "--name", NAME, "--json"])
+    assert (shown["tag"], shown["stage"]) == (first["tag"], "champion")  # a third machine's CLI fetches it
+    assert not list(tmp_path.glob("*/mlflow.db"))  # the registry is the server's only
