@@ -61,6 +61,7 @@ from models.serving.online import BackendUnavailable, make_state
 from models.serving.orchestration import Ranking
 from models.serving.plan import (
     Stages,
+    bound_registry_calls,
     follows_registry,
     in_local_store,
     known_tags,
@@ -85,6 +86,7 @@ metrics_dir_per_serve()
 retire_sessions_when_idle()
 cap_batch_wait(settings.max_batch_wait_ms / 1000)
 # Exact versions, resolved once: `bentoml build` pins what this resolves to.
+bound_registry_calls()
 PLAN = serving_plan(settings, Path(__file__))
 # With a problem the services declare no model: `serve` resolves declared models before it
 # runs `check_model`, and would stop on the placeholder tag without saying the problem.

@@ -277,6 +277,11 @@ def _nothing_registered() -> bool:
 
 
 def load(name: str) -> Registry:
+    """The stages of `name`. RegistryError when the registry cannot be read (a server that is
+    down, after MLflow's retries; tags edited by hand), so that a caller that polls (live
+    reload) keeps serving what it has."""
+    from mlflow.exceptions import MlflowException
+
     _import_json_once(name)
     if _nothing_registered():
         return Registry(name)
@@ -284,6 +289,8 @@ def load(name: str) -> Registry:
         return _read(mlflow_client(), name)
     except ValueError as err:  # a tag that is not our JSON: someone edited it by hand
         raise RegistryError(f"MLflow registered model {name} at {tracking_uri()}: unreadable tags: {err}") from err
+    except MlflowException as err:
+        raise RegistryError(f"MLflow registry {tracking_uri()}: cannot read the stages of {name}: {err}") from err
 
 
 @contextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,19 @@ class ServingPlan:
     champion: str
     challenger: str | None = None
     problem: str | None = None
+
+
+# MLflow's HTTP client retries a failed call 7 times with a doubling back-off (minutes in
+# all): a serving worker that polls the stages would hang that long on a server that is
+# down. Serving keeps the old version and polls again instead, so it asks for little.
+SERVING_MLFLOW_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}  # fmt: skip
+
+
+def bound_registry_calls() -> None:
+    """Short MLflow retries in the serving processes (values set by the user win)."""
+    for key, value in SERVING_MLFLOW_HTTP.items():
+        os.environ.setdefault(key, value)
 
 
 def serving_plan(settings: RecsysSettings, service_file: Path) -> ServingPlan:

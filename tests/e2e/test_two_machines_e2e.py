@@ -2,67 +2,31 @@
 artifact folder) and two `bentoml serve` processes with BENTOML_HOMEs of their own that
 share nothing but that server. A third home trains and promotes. Both servers start on
 the champion they lacked (fetched from the artifact store), switch to a new champion
-(fetched too) and come back on a rollback.
-
-Needs the registry over MLflow (models/lifecycle/registry.py with `tracking_uri`); with
-the JSON registry, or without `mlflow` installed, it skips."""
+(fetched too) and come back on a rollback."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from models.lifecycle import registry
-from tests.helpers import PROJECT_ROOT, ServerProcess, free_port, poll_until, start_server
+from tests.helpers import PROJECT_ROOT, ServerProcess, poll_until, start_server
 
 pytestmark = pytest.mark.e2e
 NAME = "two-machines"
 SWITCH_WITHIN_S = 10.0
-MLFLOW_BIN = Path(sys.executable).with_name("mlflow")
 TRAIN_ARGS = ["--n-users", "600", "--n-items", "400", "--n-interactions", "30000", "--tune-budget", "0"]
 
 
-@pytest.fixture(scope="module")
-def tracking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`mlflow server` on 127.0.0.1, stopped by its process group's id."""
-    pytest.importorskip("mlflow")
-    if not hasattr(registry, "tracking_uri"):
-        pytest.skip("the registry of stages is not over MLflow yet (models/lifecycle/registry.py)")
-    root = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    command = [str(MLFLOW_BIN), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-               "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-               "--artifacts-destination", str(root / "artifacts")]  # fmt: skip
-    with (root / "server.log").open("wb") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        def healthy() -> bool:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited:\n{(root / 'server.log').read_text()[-3000:]}")
-            try:
-                return httpx.get(f"{url}/health", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        poll_until(healthy, 120, "mlflow server answers /health", interval=0.5)
-        yield url
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+@pytest.fixture
+def tracking_server(mlflow_server: ServerProcess) -> str:
+    """The shared `mlflow server` of tests/conftest.py: its URL is every home's tracking URI."""
+    return mlflow_server.url
 
 
 def run_training(home: Path, uri: str, *args: str) -> dict[str, object]:
