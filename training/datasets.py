@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from models.core.interactions import InteractionLog, ItemCatalog, build_log
 
@@ -154,14 +156,26 @@ def _synthetic_users(
     ts = start[user] + np.cumsum(gaps) - np.repeat(np.cumsum(gaps)[first], per_user)
     rating = np.clip(np.round(rng.normal(3.6, 0.9, n) * 2) / 2, 0.5, 5.0).astype(np.float32)
 
+    # The first interaction of each (user, item) pair, found on the integer ids (rows are in
+    # time order per user), before any id becomes a string.
+    key = (user + first_user).astype(np.int64) * n_items + item
+    _, first_row = np.unique(key, return_index=True)
+    keep = np.sort(first_row)
     return pd.DataFrame(
         {
-            "user_id": pd.Series(user + first_user).map("u{}".format),
-            "item_id": pd.Series(item).map("i{}".format),
-            "ts": ts,
-            "rating": rating,
+            "user_id": _prefixed_ids("u", user[keep] + first_user),
+            "item_id": _prefixed_ids("i", item[keep]),
+            "ts": ts[keep],
+            "rating": rating[keep],
         }
-    ).drop_duplicates(["user_id", "item_id"], keep="first")
+    )
+
+
+def _prefixed_ids(prefix: str, numbers: np.ndarray) -> pd.Series:
+    """`prefix` + each number, as an Arrow-backed string column (one vectorised Arrow
+    call, no Python string per row)."""
+    text = pc.binary_join_element_wise(prefix, pc.cast(pa.array(numbers), pa.string()), "")
+    return text.to_pandas()  # pandas' own (Arrow-backed) str dtype
 
 
 def synthetic(
