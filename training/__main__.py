@@ -305,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     stages = registry.load(model_name)
     out = {
         "tag": result.tag, "metrics": result.metrics, "timings_s": result.timings,
+        "peak_rss_mb": result.peak_rss_mb,
         "champion_metrics": result.champion_metrics,
         "decision": decision.as_record() if decision else None,
         "champion": stages.champion, "challenger": stages.challenger,
