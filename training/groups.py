@@ -32,9 +32,15 @@ class Groups:
         self.labels.append(y)
         self.qid.append(np.full(len(y), qid, dtype=np.int64))
 
-    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def arrays_check(self) -> None:
         if not self.features:
             raise DataError("no labelled groups: no user has a label item among its candidates")
+
+    def n_rows(self) -> int:
+        return sum(len(y) for y in self.labels)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        self.arrays_check()
         return np.vstack(self.features), np.concatenate(self.labels), np.concatenate(self.qid)
 
     def __len__(self) -> int:

@@ -8,11 +8,14 @@ parameters (tests/unit/test_tuning.py).
 from __future__ import annotations
 
 import itertools
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import xgboost as xgb
+from tqdm import tqdm
 
 from models.core.metrics import ranking_metrics
 from training.groups import Groups, best_rounds
@@ -38,6 +41,11 @@ class RankerParams:
     lambdarank_pair_method: str = "topk"
     lambdarank_num_pair_per_sample: int = 8
     early_stopping_rounds: int = 50
+    # Histogram bins per feature. 256 (XGBoost's default, one byte per quantised value in
+    # the QuantileDMatrix) is kept on purpose: the rank features take up to RANK_NONE + 1
+    # distinct values and the scores are continuous, so fewer bins merge ranks the ranker
+    # separates; the fit's cost grows with the rows far more than with the bins.
+    max_bin: int = 256
 
 
 def ranker_kwargs(params: RankerParams, k: int, seed: int) -> dict[str, Any]:
@@ -56,8 +64,83 @@ def ranker_kwargs(params: RankerParams, k: int, seed: int) -> dict[str, Any]:
         "early_stopping_rounds": params.early_stopping_rounds,
         "eval_metric": f"ndcg@{k}",
         "tree_method": "hist",
+        "max_bin": params.max_bin,
         "random_state": seed,
     }
+
+
+def resolve_threads(nthread: int) -> int:
+    """The threads to give XGBoost: `nthread`, or for 0 the cores this process may use
+    (set explicitly: XGBoost's own default can oversubscribe a shared machine's cores)."""
+    if nthread < 0:
+        raise ValueError(f"nthread must be >= 0 (0: every usable core), got {nthread}")
+    if nthread:
+        return nthread
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+# Rows handed to XGBoost per batch when it quantises the training groups: the raw float32
+# rows of one batch are the only copy of the data besides the groups themselves.
+BATCH_ROWS = 1_000_000
+
+
+class GroupBatches(xgb.DataIter):
+    """The groups of a `Groups` in batches of about BATCH_ROWS rows, for a QuantileDMatrix
+    built from an iterator: XGBoost quantises batch by batch, so the training matrix is
+    never one dense float copy of every row (it keeps one byte per value instead)."""
+
+    def __init__(self, groups: Groups, batch_rows: int = BATCH_ROWS) -> None:
+        if not len(groups):
+            raise ValueError("GroupBatches: no groups to iterate")
+        sizes = np.array([len(y) for y in groups.labels])
+        cuts = np.searchsorted(np.cumsum(sizes), np.arange(batch_rows, sizes.sum(), batch_rows), side="right")
+        self._bounds = [int(b) for b in np.unique(np.r_[0, cuts, len(sizes)])]
+        self._groups = groups
+        self._batch = 0
+        super().__init__()
+
+    def next(self, input_data: Callable[..., None]) -> bool:
+        if self._batch >= len(self._bounds) - 1:
+            return False
+        lo, hi = self._bounds[self._batch], self._bounds[self._batch + 1]
+        g = self._groups
+        input_data(data=np.vstack(g.features[lo:hi]), label=np.concatenate(g.labels[lo:hi]),
+                   qid=np.concatenate(g.qid[lo:hi]))  # fmt: skip
+        self._batch += 1
+        return True
+
+    def reset(self) -> None:
+        self._batch = 0
+
+
+class BoostingProgress(xgb.callback.TrainingCallback):
+    """A tqdm bar over the boosting rounds with the latest validation metric (the bar
+    is off when stderr is not a terminal, as everywhere in training)."""
+
+    def __init__(self, total: int, metric: str, desc: str = "boosting") -> None:
+        self.total, self.metric, self.desc = total, metric, desc
+        self.bar: tqdm | None = None
+        super().__init__()
+
+    def before_training(self, model: xgb.Booster) -> xgb.Booster:
+        self.bar = tqdm(total=self.total, desc=self.desc, leave=False, disable=None)
+        return model
+
+    def after_iteration(self, model: xgb.Booster, epoch: int, evals_log: dict[str, Any]) -> bool:
+        assert self.bar is not None
+        scores = next(iter(evals_log.values()), {}).get(self.metric, [])
+        if scores:
+            self.bar.set_postfix({f"valid {self.metric}": f"{float(scores[-1]):.4f}"}, refresh=False)
+        self.bar.update(1)
+        return False
+
+    def after_training(self, model: xgb.Booster) -> xgb.Booster:
+        if self.bar is not None:
+            self.bar.close()
+        return model
 
 
 def fit_ranker(
@@ -67,7 +150,7 @@ def fit_ranker(
     through the scikit-learn wrapper. `nthread` 0: all cores."""
     x, y, qid = train.arrays()
     xv, yv, qv = valid.arrays()
-    ranker = xgb.XGBRanker(**ranker_kwargs(params, k, seed), n_jobs=nthread or None)
+    ranker = xgb.XGBRanker(**ranker_kwargs(params, k, seed), n_jobs=resolve_threads(nthread))
     ranker.fit(x, y, qid=qid, eval_set=[(xv, yv)], eval_qid=[qv], verbose=False)
     return best_rounds(ranker, k)
 
@@ -77,14 +160,16 @@ class RankingData:
     every fit. The same matrices as XGBRanker.fit builds (a QuantileDMatrix for training,
     the validation one quantised on its cuts), so a fit here equals a fit there."""
 
-    def __init__(self, train: Groups, valid: Groups, nthread: int = 0) -> None:
-        x, y, qid = train.arrays()
+    def __init__(self, train: Groups, valid: Groups, nthread: int = 0, max_bin: int = RankerParams.max_bin) -> None:
         xv, yv, qv = valid.arrays()
-        threads = nthread or None
-        self.nthread = nthread
-        self.train = xgb.QuantileDMatrix(x, label=y, qid=qid, nthread=threads)
-        self.valid = xgb.QuantileDMatrix(xv, label=yv, qid=qv, ref=self.train, nthread=threads)
-        self.rows_per_group = len(y) / len(train)
+        train.arrays_check()
+        self.nthread = resolve_threads(nthread)
+        self.max_bin = max_bin
+        self.train = xgb.QuantileDMatrix(GroupBatches(train), nthread=self.nthread, max_bin=max_bin)
+        self.valid = xgb.QuantileDMatrix(xv, label=yv, qid=qv, ref=self.train, nthread=self.nthread,
+                                         max_bin=max_bin)  # fmt: skip
+        self.n_rows = int(self.train.num_row())
+        self.rows_per_group = self.n_rows / len(train)
         # Kept to score a booster group by group (the paired comparison of tuning).
         self.valid_x, self.valid_y = xv, yv
         self.valid_bounds = np.flatnonzero(np.r_[True, qv[1:] != qv[:-1], True])
@@ -106,13 +191,15 @@ def fit_booster(
     matrices built once: what `fit_ranker` gives, without building them again."""
     kwargs = ranker_kwargs(params, k, seed)
     booster_params = {key: value for key, value in kwargs.items() if key not in _WRAPPER_ONLY}
-    if data.nthread:
-        booster_params["nthread"] = data.nthread
+    booster_params["nthread"] = data.nthread
+    if params.max_bin != data.max_bin:
+        raise ValueError(f"RankerParams.max_bin {params.max_bin} differs from the matrices' {data.max_bin}")
     history: dict[str, dict[str, list[float]]] = {}
     booster = xgb.train(
         booster_params, data.train, num_boost_round=params.n_estimators,
         evals=[(data.valid, "validation_0")], early_stopping_rounds=params.early_stopping_rounds,
         evals_result=history, verbose_eval=False,
+        callbacks=[BoostingProgress(params.n_estimators, f"ndcg@{k}")],
     )  # fmt: skip
     curve = [float(v) for v in history["validation_0"][f"ndcg@{k}"]]
     best = int(booster.best_iteration)

@@ -29,10 +29,9 @@ from models.core.interactions import ItemCatalog
 from models.core.params import CandidateParams
 from models.core.retrieval import (
     GramEigen,
-    binary_matrix,
+    binary_rows,
     ease_items,
     ease_weights_path,
-    mean_diagonal,
     top_neighbours,
 )
 from models.core.tables import ServingTables, build_tables, popularity
@@ -126,9 +125,9 @@ def choose_retrieval(
         users.append(_User(recent, tables.history(user), label_items(win, j), cooc_scores(tables, recent, params)))
 
     items = ease_items(win.history, catalog.n_items, params.ease_max_items)
-    x = binary_matrix(win.history, items)
-    mean_diag = mean_diagonal(x)
-    eigen = GramEigen.of(x)
+    x = binary_rows(win.history, items)
+    mean_diag = x.mean_diagonal()
+    eigen = GramEigen.of_rows(x)
     lambda_rows: list[dict[str, float]] = []
     best: tuple[float, float, ServingTables, list[NeighbourScores]] | None = None
 

@@ -17,7 +17,7 @@ figures optimistic. It is kept for comparison, named as such.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, get_args
 
 import numpy as np
@@ -131,3 +131,17 @@ def _per_user_window(log: InteractionLog, index: int, config: SplitConfig) -> Wi
     in_slice = (pos >= start) & (pos < end) & (start >= config.min_history)
     users, indptr, items = _labels(log, in_slice)
     return Window(index, history, history, users, indptr, items)
+
+
+def sample_label_users(win: Window, n: int, rng: np.random.Generator) -> Window:
+    """The window with at most `n` of its labelled users (a seeded uniform draw, kept in
+    order); the same window when it has no more than `n`."""
+    if n < 1:
+        raise ValueError(f"sample_label_users: n must be >= 1, got {n}")
+    if len(win.label_users) <= n:
+        return win
+    keep = np.sort(rng.choice(len(win.label_users), n, replace=False))
+    sizes = np.diff(win.label_indptr)[keep]
+    items = np.concatenate([win.label_items[win.label_indptr[j] : win.label_indptr[j + 1]] for j in keep.tolist()])
+    indptr = np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
+    return replace(win, label_users=win.label_users[keep], label_indptr=indptr, label_items=items.astype(np.int32))

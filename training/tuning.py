@@ -137,7 +137,7 @@ def tune_ranker(
     if len(valid) < 2:
         raise ValueError(f"tune needs at least 2 validation groups, got {len(valid)}")
     start = time.perf_counter()
-    data = RankingData(train, valid, nthread)
+    data = RankingData(train, valid, nthread, base.max_bin)
     rng = np.random.default_rng(seed)
     trials: list[dict[str, Any]] = []
     fits: dict[int, tuple[xgb.Booster, list[float], int]] = {}  # the base's and the top trial's

@@ -46,18 +46,54 @@ def _pairs(history: InteractionLog) -> tuple[np.ndarray, np.ndarray]:
     return (keys // n_items).astype(np.int64), (keys % n_items).astype(np.int64)
 
 
-def binary_matrix(history: InteractionLog, items: np.ndarray) -> np.ndarray:
-    """X: float32 (users with any of `items`, len(items)), 1 where the user had the item.
-    Columns follow `items` (ascending); users without any of them are left out (zero rows
-    add nothing to XᵀX)."""
+@dataclass(frozen=True)
+class BinaryRows:
+    """X as its ones: row `rows[j]` has a 1 in column `cols[j]`, rows ascending. The users
+    (rows) are those with any of the items (columns); a dense X is only made in chunks of
+    _USER_CHUNK rows (at ml-25m's 162k users and 3000 items, the dense X alone is 1.9 GB)."""
+
+    rows: np.ndarray  # int64, ascending
+    cols: np.ndarray  # int64
+    n_rows: int
+    n_cols: int
+
+    def dense(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows start .. stop of X, float32."""
+        stop = self.n_rows if stop is None else stop
+        lo, hi = np.searchsorted(self.rows, [start, stop])
+        x = np.zeros((stop - start, self.n_cols), dtype=np.float32)
+        x[self.rows[lo:hi] - start, self.cols[lo:hi]] = 1.0
+        return x
+
+    def gram(self) -> np.ndarray:
+        """XᵀX in float64, one dense chunk of rows at a time."""
+        g = np.zeros((self.n_cols, self.n_cols), dtype=np.float64)
+        for start in range(0, self.n_rows, _USER_CHUNK):
+            chunk = self.dense(start, min(start + _USER_CHUNK, self.n_rows))
+            g += (chunk.T @ chunk).astype(np.float64)
+        return g
+
+    def mean_diagonal(self) -> float:
+        """Mean of diag(XᵀX): the mean number of users per item."""
+        return float(len(self.rows) / max(self.n_cols, 1))
+
+
+def binary_rows(history: InteractionLog, items: np.ndarray) -> BinaryRows:
+    """X of `history` restricted to `items` (columns in their ascending order), as ones."""
     user, item = _pairs(history)
     col = np.searchsorted(items, item)
     col = np.minimum(col, max(len(items) - 1, 0))
     keep = (items[col] == item) if len(items) else np.zeros(len(item), dtype=bool)
-    rows, row_index = np.unique(user[keep], return_inverse=True)
-    x = np.zeros((len(rows), len(items)), dtype=np.float32)
-    x[row_index, col[keep]] = 1.0
-    return x
+    users, row_index = np.unique(user[keep], return_inverse=True)
+    # _pairs gives (user, item) sorted by user, so row_index is ascending already.
+    return BinaryRows(row_index.astype(np.int64), col[keep].astype(np.int64), len(users), len(items))
+
+
+def binary_matrix(history: InteractionLog, items: np.ndarray) -> np.ndarray:
+    """X: float32 (users with any of `items`, len(items)), 1 where the user had the item.
+    Columns follow `items` (ascending); users without any of them are left out (zero rows
+    add nothing to XᵀX)."""
+    return binary_rows(history, items).dense()
 
 
 def mean_diagonal(x: np.ndarray) -> float:
@@ -111,9 +147,21 @@ class GramEigen:
             keep = values > tol
             values, u = values[keep], u[:, keep]
             return cls(values, (xd.T @ u) / np.sqrt(values))
-        values, v = np.linalg.eigh(gram(x))
+        return cls.of_gram(gram(x), tol)
+
+    @classmethod
+    def of_gram(cls, g: np.ndarray, tol: float) -> GramEigen:
+        """From G = XᵀX itself (eigenvalues at most `tol` count as zero)."""
+        values, v = np.linalg.eigh(g)
         keep = values > tol
         return cls(values[keep], v[:, keep])
+
+    @classmethod
+    def of_rows(cls, x: BinaryRows) -> GramEigen:
+        """As `of`, from the ones of X: the dense X only when it is the smaller side."""
+        if x.n_rows < x.n_cols:
+            return cls.of(x.dense())
+        return cls.of_gram(x.gram(), 1e-9 * max(x.n_rows, x.n_cols, 1))
 
     def inverse(self, lam: float) -> np.ndarray:
         """P(λ) = (G + λI)⁻¹ = I/λ + V diag(1/(values+λ) - 1/λ) Vᵀ (exact: G is zero off
@@ -178,14 +226,14 @@ def build_ease_index(
     whichever exact route is cheaper: the user-side eigendecomposition when there are much
     fewer users than items, else the direct inverse."""
     items = ease_items(history, n_items, params.ease_max_items)
-    x = binary_matrix(history, items)
-    lam = params.ease_l2 * mean_diagonal(x)
+    x = binary_rows(history, items)
+    lam = params.ease_l2 * x.mean_diagonal()
     if len(items) == 0 or lam <= 0:
         return top_neighbours(np.zeros((0, 0)), items, n_items, params.ease_neighbors)
-    if _user_side_is_cheaper(*x.shape):
-        b = next(ease_weights_path(GramEigen.of(x), [lam]))
+    if _user_side_is_cheaper(x.n_rows, x.n_cols):
+        b = next(ease_weights_path(GramEigen.of(x.dense()), [lam]))
     else:
-        b = ease_weights(gram(x), lam)
+        b = ease_weights(x.gram(), lam)
     return top_neighbours(b, items, n_items, params.ease_neighbors)
 
 

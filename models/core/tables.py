@@ -133,45 +133,72 @@ def _per_user_mean(user: np.ndarray, values: np.ndarray, n_users: int, default: 
     return np.where(weight > 0, total / np.maximum(weight, 1), default)
 
 
+# Pair entries aggregated at once when the co-occurrence index is built: source items are
+# processed in blocks of about this many entries, so the temporaries (int64 keys, float64
+# weights and the sort) stay near 40 bytes × this, whatever the size of the log.
+COOC_BLOCK_ENTRIES = 16_000_000
+
+
+def _cooc_pairs(user: np.ndarray, item: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """(earlier, later) items of the pairs `d` steps apart in one user's timeline, distinct."""
+    same = user[d:] == user[:-d]
+    a, b = item[:-d][same], item[d:][same]
+    distinct = a != b
+    return a[distinct], b[distinct]
+
+
 def build_cooc_index(
-    history: InteractionLog, n_items: int, params: CandidateParams
+    history: InteractionLog, n_items: int, params: CandidateParams, block_entries: int = COOC_BLOCK_ENTRIES,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Item-to-item co-occurrence within `cooc_window` steps of each user's timeline,
-    weighted 1/distance, cosine-normalised by item counts; the best `cooc_neighbors` per item.
-    """
+    weighted 1/distance, cosine-normalised by item counts; the best `cooc_neighbors` per item,
+    as a CSR (indptr int64, neighbours int32, scores float32). Built block by block of source
+    items (`block_entries` pair entries at a time), each block's rows cut to their best
+    neighbours before the next, so memory follows the block, not the log."""
     user, item = history.user, history.item
-    keys_parts: list[np.ndarray] = []
-    weight_parts: list[np.ndarray] = []
-    for d in range(1, params.cooc_window + 1):
-        if d >= len(user):
-            break
-        same = user[d:] == user[:-d]
-        a = item[:-d][same].astype(np.int64)
-        b = item[d:][same].astype(np.int64)
-        distinct = a != b
-        a, b = a[distinct], b[distinct]
-        keys_parts += [a * n_items + b, b * n_items + a]
-        w = np.full(2 * len(a), 1.0 / d, dtype=np.float64)
-        weight_parts.append(w)
-    if not keys_parts:
+    window = min(params.cooc_window, max(len(user) - 1, 0))
+    item_count = np.bincount(item, minlength=n_items).astype(np.float64)
+    # Entries per source item are at most 2 × window × its count: blocks cut on that bound.
+    bound = np.cumsum(2 * window * item_count)
+    n_blocks = max(1, int(np.ceil(bound[-1] / block_entries))) if n_items else 1
+    edges = np.unique(np.r_[0, np.searchsorted(bound, np.arange(1, n_blocks) * block_entries), n_items])
+    srcs: list[np.ndarray] = []
+    dsts: list[np.ndarray] = []
+    scores: list[np.ndarray] = []
+    for lo, hi in zip(edges[:-1].tolist(), edges[1:].tolist()):
+        keys_parts: list[np.ndarray] = []
+        weight_parts: list[np.ndarray] = []
+        for d in range(1, window + 1):
+            a, b = _cooc_pairs(user, item, d)
+            for src, dst in ((a, b), (b, a)):
+                inside = (src >= lo) & (src < hi)
+                keys_parts.append(src[inside].astype(np.int64) * n_items + dst[inside])
+                weight_parts.append(np.full(int(inside.sum()), 1.0 / d))
+        keys = np.concatenate(keys_parts) if keys_parts else np.zeros(0, dtype=np.int64)
+        if len(keys) == 0:
+            continue
+        weights = np.concatenate(weight_parts)
+        del keys_parts, weight_parts
+        uniq, inverse = np.unique(keys, return_inverse=True)
+        del keys
+        counts = np.bincount(inverse, weights=weights)
+        del inverse, weights
+        src = (uniq // n_items).astype(np.int32)
+        dst = (uniq % n_items).astype(np.int32)
+        score = counts / np.sqrt(np.maximum(item_count[src], 1) * np.maximum(item_count[dst], 1))
+        order = np.lexsort((-score, src))
+        src, dst, score = src[order], dst[order], score[order]
+        starts = np.searchsorted(src, np.arange(n_items))
+        keep = np.arange(len(src)) - starts[src] < params.cooc_neighbors
+        srcs.append(src[keep])
+        dsts.append(dst[keep])
+        scores.append(score[keep].astype(np.float32))
+    if not srcs:
         empty = np.zeros(0, dtype=np.int32)
         return np.zeros(n_items + 1, dtype=np.int64), empty, empty.astype(np.float32)
-    keys = np.concatenate(keys_parts)
-    weights = np.concatenate(weight_parts)
-    uniq, inverse = np.unique(keys, return_inverse=True)
-    counts = np.bincount(inverse, weights=weights)
-    src = (uniq // n_items).astype(np.int32)
-    dst = (uniq % n_items).astype(np.int32)
-    item_count = np.bincount(item, minlength=n_items).astype(np.float64)
-    score = counts / np.sqrt(np.maximum(item_count[src], 1) * np.maximum(item_count[dst], 1))
-    order = np.lexsort((-score, src))
-    src, dst, score = src[order], dst[order], score[order]
-    starts = np.searchsorted(src, np.arange(n_items))
-    rank_in_src = np.arange(len(src)) - starts[src]
-    keep = rank_in_src < params.cooc_neighbors
-    src, dst, score = src[keep], dst[keep], score[keep]
+    src = np.concatenate(srcs)
     indptr = np.concatenate(([0], np.cumsum(np.bincount(src, minlength=n_items)))).astype(np.int64)
-    return indptr, dst.astype(np.int32), score.astype(np.float32)
+    return indptr, np.concatenate(dsts).astype(np.int32), np.concatenate(scores)
 
 
 def popularity(

@@ -90,3 +90,26 @@ def test_events_http_benchmark_smoke(tmp_path: Path) -> None:
         assert 0 < fresh["p50_ms"] <= fresh["p99_ms"]
     assert len(report["bars"]) == 4 and "| bar | measured | met |" in (tmp_path / "events_http.md").read_text()
     assert (tmp_path / "events_http.png").read_bytes()[:4] == b"\x89PNG"
+def test_rows_benchmark_smoke(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.rows", "--smoke", "--out", str(tmp_path)],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, check=False, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    runs = json.loads((tmp_path / "rows_smoke.json").read_text())
+    assert {r["lean"] for r in runs} == {True, False} and all(0 < r["ndcg"] <= 1 for r in runs)
+    lean = next(r for r in runs if r["lean"])["training_rows"]
+    assert lean["train_rows"] <= max(c["rows"] for c in lean["sampling_curve"])
+    assert "| lean rows |" in (tmp_path / "rows_smoke.md").read_text()
+
+
+def test_scale_benchmark_smoke(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.scale", "--smoke", "--engines", "local", "--out", str(tmp_path)],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, check=False, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "scale_smoke.json").read_text())
+    assert row["seconds"] > 0 and row["peak_rss_mb"] > 0 and 0 < row["ndcg"] <= 1
+    assert set(row["stages_peak_mb"]) == set(row["stages_s"])
+    assert "slowest stage" in (tmp_path / "scale_smoke.md").read_text()

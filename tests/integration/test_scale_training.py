@@ -1,18 +1,22 @@
-"""Training beyond one process: the partitioned synthetic generator, and the Dask engine on
-a LocalCluster with 2 workers against the in-process engine on the same data."""
+"""Training at scale: the partitioned synthetic generator (and its ml-25m shape), lean
+training rows chosen on validation, and the Dask engine on a LocalCluster with 2 workers
+against the in-process engine on the same data."""
 
 from __future__ import annotations
 
 import tracemalloc
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from tests.helpers import small_synthetic
+from training.__main__ import GENERATE_SHAPES, generate_main
 from training.dask_engine import DaskEngine
 from training.datasets import interactions, synthetic, synthetic_partitions, write_synthetic
 from training.pipeline import TrainConfig, train
+from training.rows import RowSearch, sampling_grid
 
 
 def test_partitions_hold_disjoint_users_and_add_up() -> None:
@@ -63,3 +67,36 @@ def test_dask_engine_meets_the_single_process_bar() -> None:
     # The same labelled groups, built on the workers instead of here.
     assert distributed.metadata["dataset"]["train_groups"] == local.metadata["dataset"]["train_groups"]
     assert distributed.metadata["params"]["engine"].startswith("dask")
+
+
+def test_lean_rows_are_chosen_on_validation_and_reported() -> None:
+    """With the search forced on (no full-rows budget), the run measures the samplings on its
+    pilot groups and the doubling groups, trains on what it chose, and keeps both curves."""
+    base = TrainConfig()
+    config = replace(base, tune_budget_s=0, rows=RowSearch(pilot_groups=100, full_rows_budget=0))
+    result = train(small_synthetic(), config, save=False)
+    plan = result.metadata["training_rows"]
+    full_rows = next(c["rows"] for c in plan["sampling_curve"] if c["hard"] == -1)
+    chosen = next(c for c in plan["sampling_curve"] if c["sampling"] == plan["sampling"]["describe"])
+    best = max(c["ndcg"] for c in plan["sampling_curve"])
+    assert len(plan["sampling_curve"]) == 1 + len(sampling_grid(base.k))
+    assert chosen["rows"] <= full_rows and best - chosen["ndcg"] <= config.rows.z * chosen["se"] + 1e-12
+    assert plan["groups_curve"][0]["pairs"] == 100 and plan["used_pairs"] <= plan["available_pairs"]
+    assert result.metadata["dataset"]["train_groups"] == plan["train_groups"] == plan["groups_curve"][-1]["groups"]
+    assert result.metrics["model"]["ndcg"] > result.metrics["baseline_cooccurrence"]["ndcg"]
+    assert set(result.peak_rss_mb) == set(result.timings)
+
+
+def test_small_data_keeps_every_candidate_within_the_full_rows_budget() -> None:
+    result = train(small_synthetic(), TrainConfig(tune_budget_s=0), save=False)
+    assert "training_rows" not in result.metadata  # the full training, as before the search
+
+
+def test_generate_has_the_ml_25m_shape_and_sizes_override_it(tmp_path: Path) -> None:
+    assert GENERATE_SHAPES["ml-25m"][:2] == (162_541, 59_047)
+    code = generate_main(["--out", str(tmp_path), "--shape", "ml-25m", "--n-users", "300", "--n-items", "200",
+                          "--n-interactions", "6000", "--partitions", "2"])  # fmt: skip
+    assert code == 0
+    frame = pd.read_parquet(tmp_path / "interactions")
+    assert frame["user_id"].nunique() == 300 and frame["item_id"].nunique() <= 200
+    assert not frame.duplicated(["user_id", "item_id"]).any()
