@@ -38,7 +38,7 @@ OFF = Triggers(None, None, None)
         (OFF, Observed(10**9, "alert", math.inf), []),
     ],
     ids=["below-count", "count", "drift-alert", "insufficient", "warn", "no-answer", "old", "forgotten",
-         "no-champion", "all", "all-off"],  # fmt: skip
+         "no-champion", "all", "all-off"],
 )
 def test_triggers(triggers: Triggers, observed: Observed, expected: list[str]) -> None:
     assert fired(triggers, observed) == expected
