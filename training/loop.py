@@ -271,15 +271,22 @@ def _optional(kind: type) -> Any:
     return parse
 
 
-def main(argv: list[str]) -> int:
-    from training.__main__ import build_parser
+def build_parser(settings: RecsysSettings) -> argparse.ArgumentParser:
+    """`retrain`'s options (the base data, --events, the model) and the loop's."""
+    from training.__main__ import build_parser as retrain_parser
 
-    settings = RecsysSettings()
-    p = build_parser(retrain=True)
+    p = retrain_parser(retrain=True)
     p.prog = "python -m training loop"
-    p.description = __doc__.splitlines()[0]
+    p.description = ("Retrain on the base data plus the event log when a trigger fires, gate the new version "
+                     "offline, then promote it or A/B-test it as the challenger (--stage is not used: "
+                     "--promote-on decides).")  # fmt: skip
     add_arguments(p, settings)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str]) -> int:
+    settings = RecsysSettings()
+    args = build_parser(settings).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     args.events = args.events or settings.event_log_path
     drift_url = None if (args.drift_url or "").lower() in ("", "off", "none") else args.drift_url
