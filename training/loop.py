@@ -66,17 +66,26 @@ class Observed:
 
     new_events: int
     drift_status: str | None  # None: not asked or not reachable
-    champion_age_s: float | None  # None: no champion; inf: its promotion is older than the record
+    # Since the champion's promotion or the loop's last retrain, whichever is later (a retrain
+    # the gate refused restarts the clock: the schedule is of retrains). None: no champion;
+    # inf: neither is in the record any more.
+    champion_age_s: float | None
+    retrained: bool = False  # a retrain of the loop is on record
+    drift_retried: bool = False  # the last retrain was drift's, and the champion has not changed since
 
 
 def fired(t: Triggers, o: Observed) -> list[str]:
-    """The triggers that fire, by name (empty: no retrain). 'insufficient_data' never fires."""
+    """The triggers that fire, by name (empty: no retrain). 'insufficient_data' never fires.
+    Drift and age need something new to learn from once the loop has retrained (the same
+    data makes the same model), and a drift alert that one retrain did not fix (its version
+    was refused, the champion is the same) waits for a new champion: it is a person's to look at."""
     out = []
     if t.min_new_events is not None and o.new_events >= t.min_new_events:
         out.append("new_events")
-    if t.drift_url is not None and o.drift_status == "alert":
+    nothing_new = o.retrained and o.new_events == 0
+    if t.drift_url is not None and o.drift_status == "alert" and not nothing_new and not o.drift_retried:
         out.append("drift")
-    if t.max_age_s is not None and o.champion_age_s is not None and o.champion_age_s > t.max_age_s:
+    if t.max_age_s is not None and o.champion_age_s is not None and o.champion_age_s > t.max_age_s and not nothing_new:
         out.append("max_age")
     return out
 
@@ -158,10 +167,11 @@ def observe(cfg: LoopConfig, reg: registry.Registry, now: float) -> tuple[Observ
     until = float(events["ts"].max()) if len(events) else since
     age: float | None = None
     if reg.champion is not None:
-        at = promoted_at(reg.events, reg.champion, "champion")
-        age = math.inf if at is None else _seconds_since(at, now)
+        times = [t for t in (promoted_at(reg.events, reg.champion, "champion"), last and last.get("at")) if t]
+        age = min((_seconds_since(t, now) for t in times), default=math.inf)
     drift = drift_status(cfg.triggers.drift_url) if cfg.triggers.drift_url else None
-    return Observed(new, drift, age), until
+    retried = bool(last and "drift" in last.get("triggers", []) and last.get("champion") == reg.champion)
+    return Observed(new, drift, age, retrained=last is not None, drift_retried=retried), until
 
 
 def judge_challenger(cfg: LoopConfig, reg: registry.Registry, tag: str, now: float) -> dict[str, Any]:

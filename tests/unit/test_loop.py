@@ -36,9 +36,13 @@ OFF = Triggers(None, None, None)
         (ALL, Observed(0, "ok", None), []),  # no champion: nothing ages
         (ALL, Observed(500, "alert", 7200.0), ["new_events", "drift", "max_age"]),
         (OFF, Observed(10**9, "alert", math.inf), []),
+        (ALL, Observed(0, "alert", 7200.0, retrained=True), []),  # nothing new since the last retrain
+        (ALL, Observed(1, "alert", 7200.0, retrained=True), ["drift", "max_age"]),
+        (ALL, Observed(1, "alert", 10.0, retrained=True, drift_retried=True), []),  # one retrain did not fix it
+        (ALL, Observed(0, "alert", 7200.0), ["drift", "max_age"]),  # the first retrain: the base data is new
     ],
     ids=["below-count", "count", "drift-alert", "insufficient", "warn", "no-answer", "old", "forgotten",
-         "no-champion", "all", "all-off"],
+         "no-champion", "all", "all-off", "nothing-new", "something-new", "drift-retried", "first"],
 )
 def test_triggers(triggers: Triggers, observed: Observed, expected: list[str]) -> None:
     assert fired(triggers, observed) == expected
