@@ -284,6 +284,11 @@ class LoopRun:
     first_champion: str
     decisions: list[dict[str, Any]]
     promotions: list[tuple[float, str]]  # (t, tag) of the loop's champions
+    # The same next interactions (after the run) replayed against each version, each from a
+    # copy of the online state at the end of the run: hit rate by tag. Live hit rates mix the
+    # version with the period it served in; this compares the versions on the same steps.
+    same_steps: dict[str, float] = field(default_factory=dict)
+    same_steps_n: int = 0
 
     def hit_rates(self) -> pd.DataFrame:
         """Hit rate per served version (each version's own steps), in the order they served."""
@@ -295,12 +300,13 @@ class LoopRun:
     def bar(self) -> dict[str, Any]:
         """The issue's bar: the loop retrained at least once on the simulated events, a version
         it promoted replays a hit rate at least the first champion's, 0 failed requests."""
-        rates = self.hit_rates().set_index("model_tag")["hit_rate"]
+        rates = self.same_steps or self.hit_rates().set_index("model_tag")["hit_rate"].to_dict()
         first = float(rates.get(self.first_champion, math.nan))
         promoted = {tag: float(rates[tag]) for _, tag in self.promotions if tag in rates}
         retrains = sum(1 for d in self.decisions if d.get("decision") == "retrain")
         best = max(promoted.values(), default=math.nan)
-        return {"retrains": retrains, "first_champion_hit_rate": first, "promoted_hit_rates": promoted,
+        return {"retrains": retrains, "hit_rates_on": f"the same {self.same_steps_n} next steps" if self.same_steps
+                else "the steps each version served", "first_champion_hit_rate": first, "promoted_hit_rates": promoted,
                 "failed": sum(self.result.failed.values()),
                 "passed": retrains >= 1 and bool(promoted) and best >= first and not self.result.failed}  # fmt: skip
 
@@ -341,12 +347,19 @@ def loop_summary(run: LoopRun, dataset_name: str, args: argparse.Namespace, min_
              f"(exported by the service every {args.export_interval:g} s).")
     result = (f"{len(r.steps)} replayed steps, {r.requests} requests, **{bar['failed']} failed**. "
              f"Bar {'passed' if bar['passed'] else 'NOT passed'}: {bar['retrains']} retrain(s), first champion's "
-             f"hit rate {bar['first_champion_hit_rate']:.4f}, promoted: "
+             f"hit rate {bar['first_champion_hit_rate']:.4f} ({bar['hit_rates_on']}), promoted: "
               + (", ".join(f"`{t}` {v:.4f}" for t, v in bar["promoted_hit_rates"].items()) or "none") + ".")
     lines = [f"# The closed loop on {dataset_name}", "", head, "", result, "",
              "| served version | from (s) | steps | hit rate@k |", "|---|---|---|---|"]  # fmt: skip
     for row in run.hit_rates().itertuples(index=False):
         lines.append(f"| `{row.model_tag}` | {row.first_t:.1f} | {row.steps} | {row.hit_rate:.4f} |")
+    if run.same_steps:
+        lines += ["", (f"The same {run.same_steps_n} next interactions (after the run) replayed against each version "
+                  "alone, each from a copy of the online state at the end of the run (what the bar compares: the "
+                  "live figures above mix each version with the period it served in):"), "",
+                  "| version | hit rate@k, same steps |", "|---|---|"]  # fmt: skip
+        lines += [f"| `{t}`{' (first champion)' if t == run.first_champion else ''} | {v:.4f} |"
+                  for t, v in run.same_steps.items()]  # fmt: skip
     lines += ["", "Decisions (the registry's record, action `loop`):", ""]
     for d in run.decisions:
         gate = d.get("gate") or {}
@@ -355,6 +368,33 @@ def loop_summary(run: LoopRun, dataset_name: str, args: argparse.Namespace, min_
                      f"staged: {d.get('staged')}")  # fmt: skip
     lines += ["", "Plot: `loop.png` (hit rate over time, cumulative per served version; the promotions in red).", ""]
     return "\n".join(lines)
+
+
+def same_steps_hit_rates(tags: list[str], replay: pd.DataFrame, state: Path, env: dict[str, str], work: Path,
+                         k: int) -> dict[str, float]:  # fmt: skip
+    """Each version served alone (pinned, no reload, no export) from its own copy of `state`,
+    replaying the same `replay` rows: its hit rate."""
+    import shutil
+
+    from bench.servers import start_server
+
+    out = {}
+    for n, tag in enumerate(tags):
+        copy = work / f"same-steps-{n}.sqlite3"
+        for suffix in ("", "-wal", "-shm"):
+            if Path(f"{state}{suffix}").exists():
+                shutil.copy(f"{state}{suffix}", f"{copy}{suffix}")
+        server = start_server(["service:ApiService"], cwd=Path(__file__).parent.parent, env={
+            **env, "RECSYS_MODEL_TAG": tag, "RECSYS_ONLINE_PATH": str(copy), "RECSYS_RELOAD_INTERVAL_S": "0",
+            "RECSYS_EVENT_LOG_INTERVAL_S": "0"})  # fmt: skip
+        try:
+            result = simulate(server.url, replay, rate=1000, duration_s=600, k=k)
+        finally:
+            server.stop()
+        if result.failed:
+            raise RuntimeError(f"{tag}: failed requests in the same-steps replay: {dict(result.failed)}")
+        out[tag] = float(result.frame()["hit"].mean())
+    return out
 
 
 def _self_served_loop(args: argparse.Namespace, dataset: Dataset) -> int:
@@ -407,6 +447,13 @@ def _self_served_loop(args: argparse.Namespace, dataset: Dataset) -> int:
     promotions = [(pd.Timestamp(e["at"]).timestamp() - start_wall, str(e["tag"])) for e in events
                   if e.get("action") == "promote" and e.get("stage") == "champion" and e.get("reason") == "loop"]  # fmt: skip
     run = LoopRun(result, first, decisions, promotions)
+    done = len(result.steps) + sum(n for key, n in result.failed.items() if key.startswith("recommend"))
+    rest = replay.iloc[done:done + args.eval_steps]
+    if len(rest) and promotions:
+        run.same_steps = same_steps_hit_rates([first, *dict.fromkeys(t for _, t in promotions)], rest,
+                                              work / "state.sqlite3", env, work, args.k)  # fmt: skip
+        run.same_steps_n = len(rest)
+        print(f"hit rate on the same {len(rest)} next steps: {json.dumps(run.same_steps)}")
     code = _report(result, counters, args, f"{dataset.name}: the closed loop", plot_png=False)
     rates, bar = run.hit_rates(), run.bar()
     print("hit rate per served version:")
@@ -482,6 +529,8 @@ def main(argv: list[str] | None = None) -> int:
                    "loop.png (promotions marked), loop.json")  # fmt: skip
     p.add_argument("--loop-min-new-events", type=int, default=None,
                    help="--loop: the loop's event trigger (default: a third of the planned steps)")  # fmt: skip
+    p.add_argument("--eval-steps", type=int, default=500,
+                   help="--loop: the next interactions after the run replayed against each version alike")  # fmt: skip
     p.add_argument("--export-interval", type=float, default=5.0,
                    help="--loop: seconds between the service's exports and the loop's looks")  # fmt: skip
     p.add_argument("--tune-budget", type=float, default=10.0, help="--ab, --loop: seconds of ranker tuning per model")
