@@ -341,7 +341,7 @@ def plot_loop(run: LoopRun, png: Path, title: str) -> None:
 def loop_summary(run: LoopRun, dataset_name: str, args: argparse.Namespace, min_new: int) -> str:
     """The md summary of a `--loop` run."""
     r, bar = run.result, run.bar()
-    head = (f"`python -m bench.simulate --loop` ({'--smoke' if args.smoke else args.dataset}), rate {args.rate:g}/s, "
+    head = (f"`python -m bench.simulate {' '.join(sys.argv[1:]) or '--loop'}`: rate {args.rate:g}/s, "
              f"{r.duration_s:.0f} s, 127.0.0.1; the loop: `python -m training loop --interval {args.export_interval:g} "
              f"--min-new-events {min_new} --promote-on offline` on the base data plus the event log "
              f"(exported by the service every {args.export_interval:g} s).")
