@@ -275,7 +275,213 @@ def _self_served(args: argparse.Namespace, dataset: Dataset, ab: bool) -> int:
     return code
 
 
-def _report(result: SimResult, counters: pd.DataFrame, args: argparse.Namespace, title: str) -> int:
+@dataclass
+class LoopRun:
+    """What `--loop` measured: the replay, the loop's decisions (from the registry's record)
+    and the promotions, in seconds since the replay started."""
+
+    result: SimResult
+    first_champion: str
+    decisions: list[dict[str, Any]]
+    promotions: list[tuple[float, str]]  # (t, tag) of the loop's champions
+    # The same next interactions (after the run) replayed against each version, each from a
+    # copy of the online state at the end of the run: hit rate by tag. Live hit rates mix the
+    # version with the period it served in; this compares the versions on the same steps.
+    same_steps: dict[str, float] = field(default_factory=dict)
+    same_steps_n: int = 0
+
+    def hit_rates(self) -> pd.DataFrame:
+        """Hit rate per served version (each version's own steps), in the order they served."""
+        f = self.result.frame()
+        g = f.groupby("model_tag", sort=False)
+        table = pd.DataFrame({"first_t": g["t"].min(), "steps": g.size(), "hit_rate": g["hit"].mean()})
+        return table.sort_values("first_t").reset_index()
+
+    def bar(self) -> dict[str, Any]:
+        """The issue's bar: the loop retrained at least once on the simulated events, a version
+        it promoted replays a hit rate at least the first champion's, 0 failed requests."""
+        rates = self.same_steps or self.hit_rates().set_index("model_tag")["hit_rate"].to_dict()
+        first = float(rates.get(self.first_champion, math.nan))
+        promoted = {tag: float(rates[tag]) for _, tag in self.promotions if tag in rates}
+        retrains = sum(1 for d in self.decisions if d.get("decision") == "retrain")
+        best = max(promoted.values(), default=math.nan)
+        return {"retrains": retrains, "hit_rates_on": f"the same {self.same_steps_n} next steps" if self.same_steps
+                else "the steps each version served", "first_champion_hit_rate": first, "promoted_hit_rates": promoted,
+                "failed": sum(self.result.failed.values()),
+                "passed": retrains >= 1 and bool(promoted) and best >= first and not self.result.failed}  # fmt: skip
+
+
+def plot_loop(run: LoopRun, png: Path, title: str) -> None:
+    """Rolling hit rate over time per served version, the loop's promotions marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    f = run.result.frame()
+    window = max(20, len(f) // 25)
+    ax.plot(f["t"], f["hit"].astype(float).rolling(window, min_periods=1).mean(), color="0.6", lw=1,
+            label=f"all steps (rolling {window})")  # fmt: skip
+    for tag, part in f.groupby("model_tag", sort=False):
+        short = str(tag).split(":")[-1][:8]
+        ax.plot(part["t"], part["hit"].astype(float).expanding().mean(), lw=2, label=f"{short} (cumulative)")
+    for n, (t, tag) in enumerate(run.promotions):
+        ax.axvline(t, color="red", ls="--", lw=1, label="loop promotes" if n == 0 else None)
+    ax.set_xlabel("seconds since the start")
+    ax.set_ylabel("hit rate@k")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def loop_summary(run: LoopRun, dataset_name: str, args: argparse.Namespace, min_new: int) -> str:
+    """The md summary of a `--loop` run."""
+    r, bar = run.result, run.bar()
+    head = (f"`python -m bench.simulate {' '.join(sys.argv[1:]) or '--loop'}`: rate {args.rate:g}/s, "
+             f"{r.duration_s:.0f} s, 127.0.0.1; the loop: `python -m training loop --interval {args.export_interval:g} "
+             f"--min-new-events {min_new} --promote-on offline` on the base data plus the event log "
+             f"(exported by the service every {args.export_interval:g} s).")
+    result = (f"{len(r.steps)} replayed steps, {r.requests} requests, **{bar['failed']} failed**. "
+             f"Bar {'passed' if bar['passed'] else 'NOT passed'}: {bar['retrains']} retrain(s), first champion's "
+             f"hit rate {bar['first_champion_hit_rate']:.4f} ({bar['hit_rates_on']}), promoted: "
+              + (", ".join(f"`{t}` {v:.4f}" for t, v in bar["promoted_hit_rates"].items()) or "none") + ".")
+    lines = [f"# The closed loop on {dataset_name}", "", head, "", result, "",
+             "| served version | from (s) | steps | hit rate@k |", "|---|---|---|---|"]  # fmt: skip
+    for row in run.hit_rates().itertuples(index=False):
+        lines.append(f"| `{row.model_tag}` | {row.first_t:.1f} | {row.steps} | {row.hit_rate:.4f} |")
+    if run.same_steps:
+        lines += ["", (f"The same {run.same_steps_n} next interactions (after the run) replayed against each version "
+                  "alone, each from a copy of the online state at the end of the run (what the bar compares: the "
+                  "live figures above mix each version with the period it served in):"), "",
+                  "| version | hit rate@k, same steps |", "|---|---|"]  # fmt: skip
+        lines += [f"| `{t}`{' (first champion)' if t == run.first_champion else ''} | {v:.4f} |"
+                  for t, v in run.same_steps.items()]  # fmt: skip
+    lines += ["", "Decisions (the registry's record, action `loop`):", ""]
+    for d in run.decisions:
+        gate = d.get("gate") or {}
+        lines.append(f"- {d['at']} **{d['decision']}** on {d.get('triggers')} ({d.get('new_events')} new events): "
+                     f"`{d.get('tag')}` trained in {d.get('train_s')} s; gate: {gate.get('reason')}; "
+                     f"staged: {d.get('staged')}")  # fmt: skip
+    lines += ["", "Plot: `loop.png` (hit rate over time, cumulative per served version; the promotions in red).", ""]
+    return "\n".join(lines)
+
+
+def same_steps_hit_rates(tags: list[str], replay: pd.DataFrame, state: Path, env: dict[str, str], work: Path,
+                         k: int) -> dict[str, float]:  # fmt: skip
+    """Each version served alone (pinned, no reload, no export) from its own copy of `state`,
+    replaying the same `replay` rows: its hit rate."""
+    import shutil
+
+    from bench.servers import start_server
+
+    out = {}
+    for n, tag in enumerate(tags):
+        copy = work / f"same-steps-{n}.sqlite3"
+        for suffix in ("", "-wal", "-shm"):
+            if Path(f"{state}{suffix}").exists():
+                shutil.copy(f"{state}{suffix}", f"{copy}{suffix}")
+        server = start_server(["service:ApiService"], cwd=Path(__file__).parent.parent, env={
+            **env, "RECSYS_MODEL_TAG": tag, "RECSYS_ONLINE_PATH": str(copy), "RECSYS_RELOAD_INTERVAL_S": "0",
+            "RECSYS_EVENT_LOG_INTERVAL_S": "0"})  # fmt: skip
+        try:
+            result = simulate(server.url, replay, rate=1000, duration_s=600, k=k)
+        finally:
+            server.stop()
+        if result.failed:
+            raise RuntimeError(f"{tag}: failed requests in the same-steps replay: {dict(result.failed)}")
+        out[tag] = float(result.frame()["hit"].mean())
+    return out
+
+
+def _self_served_loop(args: argparse.Namespace, dataset: Dataset) -> int:
+    """The closed loop shown: a first champion trained on the data before the cutoff, served
+    on 127.0.0.1 following the registry (live reload) with the event log exported every few
+    seconds; `python -m training loop` runs beside it on the base data plus that log
+    (promoting on the offline gate) while the replay plays; the plot marks its promotions."""
+    from bench.servers import start_process, start_server
+
+    work = Path(tempfile.mkdtemp(prefix="recsys-simulate-loop-"))
+    home = work / "home"
+    os.environ["BENTOML_HOME"] = str(home)
+    from models.lifecycle import registry
+    from training.pipeline import TrainConfig, train
+
+    name = "recsys-simulate"
+    base, replay = replay_split(dataset)
+    interactions, items = write_base(base, work / "base")
+    budget = 0 if args.smoke else args.tune_budget
+    first = train(base, TrainConfig(tune_budget_s=budget), model_name=name).tag
+    assert first is not None
+    registry.promote(first, "champion", reason="first version")
+    planned = min(len(replay), int(args.rate * args.duration_s), args.max_steps or len(replay))
+    # The first retrain after a third of the planned replay: enough events to matter, and
+    # time left to serve what it promotes. Each step sends 1 or 2 events.
+    min_new = args.loop_min_new_events or max(1, planned // 3)
+    log_path = work / "event_log"
+    env = {"BENTOML_HOME": str(home), "RECSYS_MODEL_NAME": name, "RECSYS_ONLINE_PATH": str(work / "state.sqlite3"),
+           "RECSYS_MONITOR_SAMPLE": "0", "RECSYS_EVENT_LOG_PATH": str(log_path),
+           "RECSYS_EVENT_LOG_INTERVAL_S": str(args.export_interval)}  # fmt: skip
+    print(f"base: {len(base.log)} interactions before the cutoff; {len(replay)} to replay ({planned} planned); "
+          f"first champion {first}; the loop retrains after {min_new} new events", flush=True)  # fmt: skip
+    server = start_server(["service:ApiService"], cwd=Path(__file__).parent.parent, env=env)
+    loop_cmd = [sys.executable, "-m", "training", "loop", "--interval", str(args.export_interval),
+                "--min-new-events", str(min_new), "--drift-url", "off", "--max-age", "off", "--promote-on", "offline",
+                "--dataset", "interactions", "--data", str(interactions), "--items", str(items), "--user-col",
+                "user_id", "--item-col", "item_id", "--time-col", "ts", "--rating-col", "rating",
+                "--events", str(log_path), "--model-name", name, "--tune-budget", str(budget), "--json"]  # fmt: skip
+    loop_proc = start_process(loop_cmd, Path(__file__).parent.parent, env, 0, work / "loop.log", wait=False)
+    try:
+        start_wall = time.time()
+        result = simulate(server.url, replay, rate=args.rate, duration_s=args.duration_s, k=args.k,
+                          max_steps=args.max_steps)  # fmt: skip
+        counters = settled_counters(server.url)
+    finally:
+        loop_proc.stop()
+        server.stop()
+    events = registry.load(name).events
+    decisions = [e for e in events if e.get("action") == "loop"]
+    promotions = [(pd.Timestamp(e["at"]).timestamp() - start_wall, str(e["tag"])) for e in events
+                  if e.get("action") == "promote" and e.get("stage") == "champion" and e.get("reason") == "loop"]  # fmt: skip
+    run = LoopRun(result, first, decisions, promotions)
+    done = len(result.steps) + sum(n for key, n in result.failed.items() if key.startswith("recommend"))
+    rest = replay.iloc[done:done + args.eval_steps]
+    if len(rest) and promotions:
+        run.same_steps = same_steps_hit_rates([first, *dict.fromkeys(t for _, t in promotions)], rest,
+                                              work / "state.sqlite3", env, work, args.k)  # fmt: skip
+        run.same_steps_n = len(rest)
+        print(f"hit rate on the same {len(rest)} next steps: {json.dumps(run.same_steps)}")
+    code = _report(result, counters, args, f"{dataset.name}: the closed loop", plot_png=False)
+    rates, bar = run.hit_rates(), run.bar()
+    print("hit rate per served version:")
+    print(rates.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print("loop decisions:")
+    for d in decisions:
+        gate = d.get("gate") or {}
+        print(f"  {d['at']} {d['decision']} triggers={d.get('triggers')} new_events={d.get('new_events')} "
+              f"tag={d.get('tag')} staged={d.get('staged')} gate: {gate.get('reason')} "
+              f"(ndcg {gate.get('challenger_ndcg')} vs champion {gate.get('champion_ndcg')}) train {d.get('train_s')} s")  # fmt: skip
+    print(f"bar: {json.dumps(bar)}")
+    png = args.out / "loop.png"
+    plot_loop(run, png, f"{dataset.name}: the closed loop (first champion {first.split(':')[-1][:8]})")
+    (args.out / "loop.json").write_text(json.dumps({
+        "dataset": dataset.name, "rate": args.rate, "duration_s": result.duration_s, "min_new_events": min_new,
+        "steps": len(result.steps), "requests": result.requests, "failed": dict(result.failed),
+        "hit_rates": json.loads(rates.to_json(orient="records")), "decisions": decisions,
+        "promotions": promotions, "bar": bar,
+    }, indent=1, default=str))  # fmt: skip
+    (args.out / "loop.md").write_text(loop_summary(run, dataset.name, args, min_new))
+    print(f"plot: {png}; summary: {args.out / 'loop.md'}; loop log: {work / 'loop.log'}")
+    if loop_proc.proc.returncode not in (0, -15, None):
+        print(f"the loop exited {loop_proc.proc.returncode}:\n{loop_proc.log()[-3000:]}", file=sys.stderr)
+    return code if bar["passed"] else 1
+
+
+def _report(result: SimResult, counters: pd.DataFrame, args: argparse.Namespace, title: str,
+            plot_png: bool = True) -> int:
     summary = result.summary()
     print(f"{len(result.steps)} steps in {result.duration_s:.1f} s, {result.requests} requests, "
           f"{sum(result.failed.values())} failed {dict(result.failed) or ''}")  # fmt: skip
@@ -286,13 +492,15 @@ def _report(result: SimResult, counters: pd.DataFrame, args: argparse.Namespace,
     print(counters.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     args.out.mkdir(parents=True, exist_ok=True)
     png = args.out / "simulate.png"
-    plot(result, png, title)
+    if plot_png:
+        plot(result, png, title)
     (args.out / "simulate.json").write_text(json.dumps({
         "steps": len(result.steps), "requests": result.requests, "failed": dict(result.failed),
         "duration_s": result.duration_s, "summary": json.loads(summary.to_json(orient="records")),
         "online_counters": json.loads(counters.to_json(orient="records")),
     }, indent=1))  # fmt: skip
-    print(f"plot: {png}")
+    if plot_png:
+        print(f"plot: {png}")
     return 0 if not result.failed else 1
 
 
@@ -316,7 +524,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="train, serve and replay a tiny synthetic set (seconds)")
     p.add_argument("--ab", action="store_true", help="train a champion and a --shuffle-labels challenger on the "
                    "base, serve them in split mode on 127.0.0.1, replay, and print the A/B report")  # fmt: skip
-    p.add_argument("--tune-budget", type=float, default=10.0, help="--ab: seconds of ranker tuning per model")
+    p.add_argument("--loop", action="store_true", help="serve a first champion following the registry, run "
+                   "`python -m training loop` beside it on the base data plus the event log, replay; "
+                   "loop.png (promotions marked), loop.json")  # fmt: skip
+    p.add_argument("--loop-min-new-events", type=int, default=None,
+                   help="--loop: the loop's event trigger (default: a third of the planned steps)")  # fmt: skip
+    p.add_argument("--eval-steps", type=int, default=500,
+                   help="--loop: the next interactions after the run replayed against each version alike")  # fmt: skip
+    p.add_argument("--export-interval", type=float, default=5.0,
+                   help="--loop: seconds between the service's exports and the loop's looks")  # fmt: skip
+    p.add_argument("--tune-budget", type=float, default=10.0, help="--ab, --loop: seconds of ranker tuning per model")
     p.add_argument("--min-effect", type=float, default=None, help="--ab: the A/B report's relative effect "
                    "(default: RECSYS_AB_MIN_EFFECT)")  # fmt: skip
     args = p.parse_args(argv)
@@ -324,6 +541,8 @@ def main(argv: list[str] | None = None) -> int:
         from models.serving.settings import RecsysSettings
 
         args.min_effect = RecsysSettings().ab_min_effect
+    if args.loop:
+        return _self_served_loop(args, synthetic(300, 200, 12_000, n_topics=10, seed=5) if args.smoke else _dataset(args))
     if args.smoke:
         args.duration_s = min(args.duration_s, 8.0)
         return _self_served(args, synthetic(300, 200, 12_000, n_topics=10, seed=5), ab=False)

@@ -51,6 +51,7 @@ COMMANDS = {
     "replay": "replay the champion's logged requests against a challenger",
     "drift-report": "HTML report of logged features and scores against the reference",
     "generate": "write a partitioned synthetic data set (Parquet) to train on",
+    "loop": "retrain on the event log when triggered, gate, A/B-judge and promote, by itself",
 }
 
 
@@ -262,11 +263,11 @@ def _subcommand(argv: list[str]) -> int | None:
         return None
     if argv[0] not in COMMANDS:
         build_parser().error(_unknown_command(argv[0]))  # exits 2
-    from training import drift_report, replay
+    from training import drift_report, loop, replay
 
     mains: dict[str, Callable[[list[str]], int]] = {
         "models": models_main, "replay": replay.main, "drift-report": drift_report.main,
-        "generate": generate_main,
+        "generate": generate_main, "loop": loop.main,
     }  # fmt: skip
     try:
         return mains[argv[0]](argv[1:])

@@ -59,6 +59,10 @@ def serving_plan(settings: RecsysSettings, service_file: Path) -> ServingPlan:
                         "RECSYS_CHALLENGER_MODE=off"
                     )
                 challenger = pinned[1]
+            elif follows_registry(settings, service_file):
+                # A service that follows the registry serves its champion alone until a
+                # challenger is staged (e.g. by `python -m training loop`), as on a reload.
+                challenger = registry.load(name).challenger
             else:
                 challenger = resolve_alias(name, "challenger")
             if challenger == champion:

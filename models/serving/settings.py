@@ -304,6 +304,31 @@ class RecsysSettings(BaseSettings):
         "ctr", description="The metric whose verdict is the A/B report's overall verdict."
     )
 
+    # The closed loop (training/loop.py): retrain on the event log, gate, judge, promote.
+    loop_interval_s: float = Field(
+        300.0, gt=0, description="Seconds between two looks of `python -m training loop` (without --once)."
+    )
+    loop_min_new_events: int | None = Field(
+        10_000, ge=1, description="Retrain when the event log holds at least this many events newer "
+        "than the last retrain's (None: this trigger is off)."
+    )
+    loop_drift_url: str | None = Field(
+        None, description="The service's base URL: retrain when its GET /drift says status 'alert' "
+        "('insufficient_data' never triggers; None: this trigger is off)."
+    )
+    loop_max_age_s: float | None = Field(
+        None, gt=0, description="Retrain when the champion was promoted longer ago than this (None: off)."
+    )
+    loop_promote_on: Literal["offline", "online"] = Field(
+        "online", description="offline: a version that passes the offline gate becomes the champion; "
+        "online: it becomes the challenger (serve in split mode) and is promoted once the A/B report "
+        "says it is not worse with the minimum sample reached."
+    )
+    loop_max_wait_s: float = Field(
+        86_400.0, gt=0, description="Longest a challenger of the loop waits for the A/B report's "
+        "minimum sample; then it is cleared (not promoted)."
+    )
+
     def ranker_url_list(self) -> list[str]:
         return [u.strip().rstrip("/") for u in (self.ranker_urls or "").split(",") if u.strip()]
 

@@ -19,7 +19,7 @@ import pytest
 
 from models.serving.settings import RecsysSettings
 from tests.helpers import PROJECT_ROOT, ServerProcess, free_port, wait_ready
-from training import drift_report, replay
+from training import drift_report, loop, replay
 from training.__main__ import build_parser, generate_parser
 from training.lifecycle import models_parser
 
@@ -103,6 +103,9 @@ def test_readme_training_lines_parse(line: str) -> None:
         assert generate_parser().parse_args(words[1:]).out
     elif words[0] == "replay":
         assert replay.build_parser(RecsysSettings()).parse_args(words[1:]).challenger
+    elif words[0] == "loop":
+        args = loop.build_parser(RecsysSettings()).parse_args(words[1:])
+        assert args.once or args.interval > 0
     else:
         retrain = words[0] == "retrain"
         args = build_parser(retrain).parse_args(words[1:] if retrain else words)

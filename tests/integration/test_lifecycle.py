@@ -208,8 +208,12 @@ def test_serving_plan_resolves_aliases_and_explains_what_is_missing(two_versions
     assert (plan.champion, plan.challenger, plan.problem) == (a, None, None)
     assert serving_plan(RecsysSettings(model_name="lc-int", model_alias="latest"), here).champion == b
     assert serving_plan(RecsysSettings(model_name="lc-int", model_tag=b), here).champion == b
-    missing = serving_plan(RecsysSettings(model_name="lc-int", challenger_mode="split"), here)
+    pinned = RecsysSettings(model_name="lc-int", challenger_mode="split", reload_interval_s=0)
+    missing = serving_plan(pinned, here)
     assert missing.problem and "no challenger" in missing.problem and "promote" in missing.problem
+    # Following the registry, the champion serves alone until a challenger is staged.
+    following = serving_plan(RecsysSettings(model_name="lc-int", challenger_mode="split"), here)
+    assert (following.champion, following.challenger, following.problem) == (a, None, None)
     registry.promote(b, "challenger")
     plan = serving_plan(RecsysSettings(model_name="lc-int", challenger_mode="shadow"), here)
     assert (plan.champion, plan.challenger, plan.problem) == (a, b, None)
