@@ -192,6 +192,20 @@ def settled_counters(url: str, timeout_s: float = 10.0) -> pd.DataFrame:
     return last
 
 
+def _save_hit_plot(fig: Any, ax: Any, png: Path, title: str, legend_size: int) -> None:
+    """The hit-rate plots' axes, title and legend; written to `png` and closed."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel("seconds since the start")
+    ax.set_ylabel("hit rate@k")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
 def plot(result: SimResult, png: Path, title: str) -> None:
     import matplotlib
 
@@ -205,14 +219,7 @@ def plot(result: SimResult, png: Path, title: str) -> None:
         window = max(20, len(part) // 20)
         ax.plot(part["t"], part["hit"].astype(float).rolling(window, min_periods=1).mean(),
                 label=f"{variant} (rolling {window} steps)")  # fmt: skip
-    ax.set_xlabel("seconds since the start")
-    ax.set_ylabel("hit rate@k")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    _save_hit_plot(fig, ax, png, title, legend_size=8)
 
 
 def _dataset(args: argparse.Namespace) -> Dataset:
@@ -328,14 +335,7 @@ def plot_loop(run: LoopRun, png: Path, title: str) -> None:
         ax.plot(part["t"], part["hit"].astype(float).expanding().mean(), lw=2, label=f"{short} (cumulative)")
     for n, (t, tag) in enumerate(run.promotions):
         ax.axvline(t, color="red", ls="--", lw=1, label="loop promotes" if n == 0 else None)
-    ax.set_xlabel("seconds since the start")
-    ax.set_ylabel("hit rate@k")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    _save_hit_plot(fig, ax, png, title, legend_size=7)
 
 
 def loop_summary(run: LoopRun, dataset_name: str, args: argparse.Namespace, min_new: int) -> str:

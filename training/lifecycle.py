@@ -22,6 +22,7 @@ from models.lifecycle.registry import ALIASES, STAGES, RegistryError
 from models.lifecycle.store import ModelCheckError
 from models.serving.settings import RecsysSettings
 from training import ab_report
+from training.tracking import flatten
 
 COMPARED_METRICS = ("ndcg", "recall", "hitrate", "map")
 
@@ -117,16 +118,6 @@ def cmd_show(ref: str, name: str) -> dict[str, Any]:
             "metadata": model.info.metadata}  # fmt: skip
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def cmd_compare(a_ref: str, b_ref: str, name: str) -> dict[str, Any]:
     """B against A: metric deltas, feature-schema differences, parameter differences."""
     a, b = (_local_model(resolve_ref(r, name)) for r in (a_ref, b_ref))
@@ -145,7 +136,7 @@ def cmd_compare(a_ref: str, b_ref: str, name: str) -> dict[str, Any]:
         "changed": sorted(n for n in set(fa) & set(fb) if fa[n] != fb[n]),
         "order_changed": [f for f in fa if f in fb] != [f for f in fb if f in fa],
     }
-    pa, pb = _flat(ma["params"]), _flat(mb["params"])
+    pa, pb = flatten(ma["params"]), flatten(mb["params"])
     params = {k: {"a": pa.get(k), "b": pb.get(k)} for k in sorted(set(pa) | set(pb)) if pa.get(k) != pb.get(k)}
     same_data = ma["dataset"]["content_hash"] == mb["dataset"]["content_hash"]
     return {"a": str(a.tag), "b": str(b.tag), "metrics": deltas, "schema": schema, "params": params,
@@ -201,7 +192,7 @@ def show_text(shown: dict[str, Any]) -> str:
         parts.append(_aligned(table))
         parts.append(f"candidate recall: {_cell(metrics.get('candidate_recall'))}; "
                      f"test users: {_cell(metrics.get('test_users'))}")  # fmt: skip
-    params = _flat(meta.get("params", {}))
+    params = flatten(meta.get("params", {}))
     if params:
         parts.append("params\n" + _aligned([[k, _param(v)] for k, v in params.items()], indent="  "))
     return "\n\n".join(parts)

@@ -26,11 +26,12 @@ REPORT_FILES = ("report_validation_ndcg.png", "report_feature_importance.png")
 METRIC_KEYS = ("model", "baseline_popularity", "baseline_cooccurrence")
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested parameters as one level: {"ranker": {"eta": 0.1}} -> {"ranker.eta": 0.1}."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -38,7 +39,7 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def run_params(metadata: dict[str, Any]) -> dict[str, str]:
     """The run's parameters: the version's `params`, flattened (`ranker.max_depth`, ...)."""
-    return {k: json.dumps(v) if isinstance(v, list | tuple) else str(v) for k, v in _flat(metadata["params"]).items()}
+    return {k: json.dumps(v) if isinstance(v, list | tuple) else str(v) for k, v in flatten(metadata["params"]).items()}
 
 
 def run_metrics(metadata: dict[str, Any]) -> dict[str, float]:
