@@ -118,7 +118,8 @@ class RequestGuard:
 
     def _authorized(self, scope: Scope) -> int | None:
         """None if the request may pass, else the status to refuse it with (401, 403)."""
-        if scope["path"] in self.admin_paths:
+        # Admin routes are POST only: any other method goes on to the router's 405.
+        if scope["path"] in self.admin_paths and scope.get("method") == "POST":
             return self._admin(scope)
         if not self._keys or scope["path"] in self.public_paths:
             return None
@@ -162,7 +163,7 @@ class RequestGuard:
             if scope.get("method") == "GET":
                 scope = {**scope, "method": "POST"}
         refused = self._authorized(scope)
-        if refused == 403 and scope["path"] in self.admin_paths:
+        if refused == 403 and scope["path"] in self.admin_paths and scope.get("method") == "POST":
             await _refuse(send, scope, 403, f"{scope['path']} is off: set RECSYS_ADMIN_KEYS and send "
                           "'Authorization: Bearer <admin key>'")  # fmt: skip
             return

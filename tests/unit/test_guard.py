@@ -22,8 +22,9 @@ async def echo_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def call(guard: RequestGuard, path: str, headers: dict[str, str], chunks: list[bytes]) -> tuple[int, bytes]:
-    scope = {"type": "http", "method": "POST", "path": path,
+def call(guard: RequestGuard, path: str, headers: dict[str, str], chunks: list[bytes],
+         method: str = "POST") -> tuple[int, bytes]:  # fmt: skip
+    scope = {"type": "http", "method": method, "path": path,
              "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}  # fmt: skip
     pending = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
     sent: list[dict[str, Any]] = []
@@ -234,3 +235,12 @@ def test_admin_paths_take_admin_keys_only(admin_keys: list[str], api_keys: list[
     assert got == status, body
     if status == 403:
         assert b"RECSYS_ADMIN_KEYS" in body
+
+
+@pytest.mark.parametrize("admin_keys", [[], ["admin1"]])
+def test_other_methods_of_an_admin_path_go_on_to_the_router(admin_keys: list[str]) -> None:
+    """Only POST is an admin call: TRACE, GET... reach the app (whose router answers 405)."""
+    guard = RequestGuard(echo_app, api_keys=[], max_body_bytes=100, max_in_flight=10,
+                         admin_keys=admin_keys, admin_paths=frozenset({"/admin/reload"}))  # fmt: skip
+    got, body = call(guard, "/admin/reload", {}, [b"{}"], method="TRACE")
+    assert got == 200 and body == b"{}"
