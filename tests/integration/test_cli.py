@@ -123,7 +123,7 @@ def test_every_listed_command_runs(command: str, capsys: pytest.CaptureFixture[s
 def test_unknown_command_names_the_valid_ones(bentoml_home: Path, word: str, hint: str) -> None:
     out = run_cli([word, "--json"], bentoml_home)
     assert out.returncode == 2
-    valid = "models, retrain, replay, drift-report, generate"
+    valid = "models, retrain, replay, drift-report, generate, loop"
     assert out.stderr.splitlines()[-1] == f"python -m training: error: unknown command '{word}'; valid: {valid}{hint}"
     assert "unrecognized arguments" not in out.stderr
 
