@@ -22,6 +22,7 @@ import models
 from models.core.recommender import Recommender
 from models.core.schema import FEATURE_DTYPE
 from models.lifecycle import registry
+from models.lifecycle.registry import in_local_store
 from models.lifecycle.store import ModelCheckError, open_version
 from models.serving.api_schema import (
     EventIn,
@@ -63,7 +64,6 @@ from models.serving.plan import (
     Stages,
     bound_registry_calls,
     follows_registry,
-    in_local_store,
     known_tags,
     serving_plan,
     wanted_stages,

@@ -414,11 +414,11 @@ def _import_json_once(name: str) -> None:
             return
         for stage in STAGES:
             tag = getattr(old, stage)
-            if tag is not None and not _in_store(tag) and find_version(client, tag) is None:
+            if tag is not None and not in_local_store(tag) and find_version(client, tag) is None:
                 raise RegistryError(f"{path}: cannot import the {stage} {tag} into MLflow: it is not in the "
                                     "store; restore it, or remove that stage from the file")  # fmt: skip
         current = _read(client, name)
-        history = [t for t in old.history if _in_store(t) or find_version(client, t) is not None]
+        history = [t for t in old.history if in_local_store(t) or find_version(client, t) is not None]
         events = [*old.events, {"at": _now(), "action": "import", "tag": None, "reason": f"imported from {path}"}]
         _write(client, current, Registry(name, old.champion, old.challenger, history, [*current.events, *events]))
         os.replace(path, path.with_name(f"{path.name}.imported"))
@@ -427,7 +427,8 @@ def _import_json_once(name: str) -> None:
             _mirror_label(tag, old.stage_of(tag))
 
 
-def _in_store(tag: str) -> bool:
+def in_local_store(tag: str) -> bool:
+    """Whether the exact version `tag` is in this machine's BentoML store."""
     try:
         bentoml.models.get(tag)
     except NotFound:

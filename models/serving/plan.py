@@ -118,11 +118,3 @@ def known_tags(name: str) -> Iterator[str]:
     except RegistryError:
         return
     yield from (t for t in (reg.champion, reg.challenger, *reversed(reg.history)) if t)
-
-
-def in_local_store(tag: str) -> bool:
-    try:
-        bentoml.models.get(tag)
-    except NotFound:
-        return False
-    return True
