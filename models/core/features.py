@@ -9,7 +9,7 @@ import numpy as np
 
 from models.core.candidates import UserScores
 from models.core.schema import FEATURE_DTYPE, FEATURE_INDEX, ITEM_FEATURES, N_FEATURES, USER_FEATURES
-from models.core.tables import UNKNOWN_YEAR, ServingTables, user_profiles
+from models.core.tables import UNKNOWN_YEAR, ServingTables, one_user_profile
 
 _USER_COLS = [FEATURE_INDEX[n] for n in USER_FEATURES]
 _ITEM_COLS = [FEATURE_INDEX[n] for n in ITEM_FEATURES]
@@ -33,9 +33,7 @@ def user_profile(tables: ServingTables, user: int | None, online: np.ndarray | N
         return None if user is None else (tables.user_feats[user], tables.user_genre[user])
     trained = tables.history(user) if user is not None else np.zeros(0, dtype=np.int32)
     items = np.concatenate((trained, online)).astype(np.intp)
-    feats, genre = user_profiles(np.zeros(len(items), dtype=np.intp), items, 1, tables.item_feats[:, _LOG_POP],
-                                 tables.item_feats[:, _YEAR], tables.item_genre)  # fmt: skip
-    return feats[0], genre[0]
+    return one_user_profile(items, tables.item_feats[:, _LOG_POP], tables.item_feats[:, _YEAR], tables.item_genre)
 
 
 def build_features(

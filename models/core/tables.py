@@ -244,6 +244,22 @@ def user_profiles(
     return user_feats, user_genre
 
 
+def one_user_profile(
+    items: np.ndarray, item_log_pop: np.ndarray, item_year: np.ndarray, item_genre: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """user_profiles of a single user's interactions `items` (its rows 0): serving's merged
+    history, on every /recommend with online items. The same arithmetic without the per-user
+    scatter (np.add.at and bincounts cost ~120 µs a call; this, ~15 µs)."""
+    years = item_year[items].astype(np.float64)
+    known = years[years >= 0]
+    user_year = float(known.sum() / len(known)) if len(known) else UNKNOWN_YEAR
+    user_pop = float(item_log_pop[items].astype(np.float64).sum() / len(items)) if len(items) else 0.0
+    feats = np.array([np.log1p(float(len(items))), user_pop, user_year], dtype=np.float32)
+    genre = item_genre[items].sum(axis=0, dtype=np.float32)
+    norm = np.linalg.norm(genre)
+    return feats, (genre / norm if norm > 0 else np.zeros_like(genre))
+
+
 def build_tables(
     history: InteractionLog, catalog: ItemCatalog, genre_names: list[str], params: CandidateParams,
     user_history: InteractionLog | None = None,

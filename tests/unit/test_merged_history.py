@@ -10,7 +10,7 @@ from models.core.candidates import candidates_by_source, recent_items, user_scor
 from models.core.features import build_features, user_profile
 from models.core.params import CandidateParams
 from models.core.schema import FEATURE_INDEX, ITEM_FEATURES
-from models.core.tables import ServingTables, user_profiles
+from models.core.tables import ServingTables, one_user_profile, user_profiles
 
 
 def _online(tables: ServingTables, user: int | None, n: int) -> np.ndarray:
@@ -86,3 +86,22 @@ def test_new_user_with_online_items_has_user_features(tables: ServingTables, par
     assert np.all(features[:, FEATURE_INDEX["user_log_count"]] == pytest.approx(np.log1p(3)))
     assert np.all(cold[:, FEATURE_INDEX["user_log_count"]] == 0)
     assert np.any(features[:, FEATURE_INDEX["genre_affinity"]] > 0)
+
+
+@pytest.mark.parametrize("case", ["random", "repeats", "no known year", "one item"])
+def test_one_user_profile_is_user_profiles_of_one_user(case: str) -> None:
+    """Serving's one-user path computes what training's per-user scatter does."""
+    rng = np.random.default_rng(7)
+    n_items, n_genres = 50, 6
+    log_pop = rng.random(n_items).astype(np.float32) * 5
+    year = rng.integers(1950, 2020, n_items).astype(np.float32)
+    year[rng.random(n_items) < 0.3] = -1.0  # unknown years are left out of the mean
+    genre = (rng.random((n_items, n_genres)) < 0.3).astype(np.float32)
+    genre[0] = 0.0  # an item without genres
+    items = {"random": rng.integers(0, n_items, 40), "repeats": np.array([3, 3, 3, 7]),
+             "no known year": np.flatnonzero(year < 0)[:5], "one item": np.array([0])}[case].astype(np.intp)  # fmt: skip
+    feats, profile = one_user_profile(items, log_pop, year, genre)
+    want_feats, want_profile = user_profiles(np.zeros(len(items), dtype=np.intp), items, 1, log_pop, year, genre)
+    assert feats.dtype == want_feats.dtype and profile.dtype == want_profile.dtype
+    np.testing.assert_allclose(feats, want_feats[0], rtol=1e-6)
+    np.testing.assert_allclose(profile, want_profile[0], rtol=1e-6, atol=1e-7)
