@@ -49,6 +49,7 @@ from models.serving.bentoml_patches import (
     forbid_unknown_fields,
     json_server_logs,
     metrics_dir_per_serve,
+    numpy_only_unpickling,
     patch_openapi,
     retire_sessions_when_idle,
     separate_monitor_logs,
@@ -79,6 +80,7 @@ from models.serving.versioned import BoosterSet, VersionNotHeld, tag_rows
 
 settings = RecsysSettings()  # configuration only: decorators below need it at import
 cache_media_types()
+numpy_only_unpickling()
 separate_monitor_logs(settings.monitor_max_bytes, settings.monitor_backups)
 skip_unexported_tracing()
 client_errors_in_one_line()

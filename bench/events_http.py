@@ -1,7 +1,7 @@
 """The real-time path over HTTP, against issue 15's bars, on a real `bentoml serve` (2 API
 workers, 1 ranking worker; 127.0.0.1 only):
 
-    python -m bench.events_http            # ~6 minutes; writes bench/results/events_http.{md,json,png}
+    python -m bench.events_http            # ~9 minutes; writes bench/results/events_http.{md,json,png}
     python -m bench.events_http --smoke    # a minute or two; checks that the benchmark works
 
 1. POST /events at 64 clients (closed loop), 100-event batches and 1-event requests, on
@@ -104,6 +104,22 @@ def measure(ctx: Any, url: str, load: Load, clients: int, seconds: float, warmup
             rate: float | None = None) -> dict[str, Any]:  # fmt: skip
     proc, out = start_load(ctx, url, load, clients, seconds, warmup_s, rate)
     return finish(proc, out, seconds + warmup_s + 120)
+
+
+def api_cpu(server: ServerProcess) -> dict[int, float]:
+    """CPU seconds so far of each API worker."""
+    return {p.pid: sum(p.cpu_times()[:2]) for name, p in server.workers() if name == "ApiService"}
+
+
+def measure_split(ctx: Any, server: ServerProcess, load: Load, seconds: float, warmup_s: float) -> dict[str, Any]:
+    """`measure` at CLIENTS, and how the API workers shared the work: the busier one's share
+    of their CPU (0.5 is even). Keep-alive connections stay with the worker that accepted
+    them, and one worker may accept most of 64 opened at once: a cell then measures one core."""
+    before = api_cpu(server)
+    cell = measure(ctx, server.url, load, CLIENTS, seconds, warmup_s)
+    used = [cpu - before.get(pid, 0.0) for pid, cpu in api_cpu(server).items()]
+    cell["busier_api_worker_share"] = round(max(used) / sum(used), 3) if sum(used) > 0 else None
+    return cell
 
 
 # -- freshness -----------------------------------------------------------------------------
@@ -222,7 +238,7 @@ def populate(url: str, users: tuple[str, ...], items: tuple[str, ...]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.events_http", description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=10.0, help="per throughput cell (after a 2 s warm-up)")
-    p.add_argument("--pairs", type=int, default=3, help="alternating on/off server pairs for /recommend")
+    p.add_argument("--pairs", type=int, default=5, help="alternating on/off server pairs for /recommend")
     p.add_argument("--probes", type=int, default=300, help="freshness probes per load")
     p.add_argument("--smoke", action="store_true", help="tiny run: checks the benchmark works")
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -281,7 +297,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
             try:
                 if state == "on":
                     populate(server.url, known, items)
-                pair[state] = measure(ctx, server.url, recommend, CLIENTS, args.seconds, warmup)
+                pair[state] = measure_split(ctx, server, recommend, args.seconds, warmup)
                 if state == "on" and n == args.pairs - 1:  # the last on-server: freshness too
                     capacity = statistics.median([*(p["on"]["rps"] for p in pairs), pair["on"]["rps"]])
                     fresh = measure_freshness(ctx, server.url, items, recommend, load_users, capacity, args)
@@ -334,9 +350,11 @@ def write_report(out: Path, events: list[dict[str, Any]], pairs: list[dict[str, 
     ]  # fmt: skip
     lines += [f"| {c['backend']} | {c['batch']} | {c['rps']:,.0f} | {c['events_per_s']:,.0f} | {c['p50_ms']} | "
               f"{c['p99_ms']} | {c['failed']} |" for c in events]  # fmt: skip
-    lines += ["", "| /recommend pair | online on req/s | off req/s | on / off | on p99 ms | off p99 ms |", "|---|---|---|---|---|---|"]
+    lines += ["", "| /recommend pair | online on req/s | off req/s | on / off | on p99 ms | off p99 ms | busier API worker's "
+              "CPU share, on / off |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     lines += [f"| {i + 1} | {p['on']['rps']:,.0f} | {p['off']['rps']:,.0f} | {p['ratio']:.1%} | {p['on']['p99_ms']} | "
-              f"{p['off']['p99_ms']} |" for i, p in enumerate(pairs)]  # fmt: skip
+              f"{p['off']['p99_ms']} | {p['on'].get('busier_api_worker_share')} / {p['off'].get('busier_api_worker_share')} |"
+              for i, p in enumerate(pairs)]  # fmt: skip
     lines += ["", "| freshness under | probes | p50 ms | p99 ms | max ms | next request | most requests | not seen |",
               "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     names = {"half": f"half saturation (/recommend {fresh['half']['recommend_rate']:,.0f} req/s + "

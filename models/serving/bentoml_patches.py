@@ -53,6 +53,14 @@ OpenAPI truthfulness (`/docs.json`):
   empty body looks valid).
 - The responses of the request guard (401, 413, 503; models/serving/guard.py) are added to every
   public operation, so that they are documented and clients can expect them.
+
+Pickles from the network: the internal hop (API to ranking service, and its answer) is
+BentoML's `application/vnd.bentoml+pickle`. A service served on its own refuses it (415), but
+a dependency started by the same `bentoml serve` accepts it from whoever reaches its socket,
+and `pickle.loads` runs whatever a payload names. The hop is lean
+(protocol 5: the arrays' bytes travel as they are, beside a header of about 150 bytes), so it
+is kept, but `numpy_only_unpickling` loads it with an unpickler that allows numpy's array,
+dtype and scalar constructors and nothing else; any other global is a 400 naming it.
 """
 
 from __future__ import annotations
@@ -63,7 +71,9 @@ import importlib
 import json
 import logging
 import logging.handlers
+import io
 import os
+import pickle
 import queue
 import shutil
 import signal
@@ -534,3 +544,46 @@ def _in_use(connector: Any) -> bool:
     if connector is None or connector.closed:
         return False
     return bool(connector._acquired) or any(connector._waiters.values())
+
+
+# What a pickle from the network may name (numpy 2): arrays (out-of-band buffers, protocol 5,
+# or in-band), their dtypes, and numpy scalars. Containers and plain values need no global.
+NUMPY_GLOBALS = frozenset({("numpy", "dtype"), ("numpy", "ndarray"), ("numpy._core.numeric", "_frombuffer"),
+                           ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar")})  # fmt: skip
+
+
+class NumpyOnlyUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in NUMPY_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"the pickle names {module}.{name}: only numpy arrays, dtypes and scalars are "
+                                     "accepted (application/vnd.bentoml+pickle)")  # fmt: skip
+
+
+def numpy_only_unpickling() -> None:
+    """Load every `application/vnd.bentoml+pickle` body (requests and the answers of
+    dependency services) with NumpyOnlyUnpickler; a refused one is BadInput (400)."""
+    from bentoml.exceptions import BadInput
+
+    serde = importlib.import_module("_bentoml_impl.serde")
+    current = serde.PickleSerde.__dict__["deserialize_value"]
+    original = _unpatched(current)
+
+    def deserialize_value(self: Any, payload: Any) -> Any:
+        data = b"".join(payload.data)
+        lengths = payload.metadata.get("buffer-lengths")
+        try:
+            if lengths is None:
+                return NumpyOnlyUnpickler(io.BytesIO(data)).load()
+            sizes = [int(n) for n in lengths.split(",")]
+            view = memoryview(data)
+            start, buffers = sizes[0], []
+            for size in sizes[1:]:
+                buffers.append(pickle.PickleBuffer(view[start:start + size]))
+                start += size
+            return NumpyOnlyUnpickler(io.BytesIO(view[:sizes[0]]), buffers=buffers).load()
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError,
+                OverflowError) as err:  # what a malformed payload raises (a client error)
+            raise BadInput(f"application/vnd.bentoml+pickle body refused: {err}") from err
+
+    serde.PickleSerde.deserialize_value = _replacing(original, deserialize_value)

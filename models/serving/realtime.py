@@ -3,7 +3,8 @@ durable through the group-commit writer before the answer), the user's online it
 /recommend and /rank merge with the trained history, and the impression of each response.
 
 The state is opened in the worker (after the fork: a SQLite connection or a Redis client must
-not cross one). Every state call leaves the event loop (base.py: they block).
+not cross one). Every state call leaves the event loop (base.py: they block), but the read
+of recent items on a backend that says it never waits (SQLite).
 """
 
 from __future__ import annotations
@@ -92,7 +93,11 @@ class RealTime:
         read now: the request then uses the trained history alone (counted, logged once per
         reason) rather than failing a recommendation for lack of its freshest part."""
         try:
-            recent = await asyncio.to_thread(self.state.recent, user_id, self.settings.online_max_items)
+            limit = self.settings.online_max_items
+            if self.state.recent_never_waits:
+                recent = self.state.recent(user_id, limit)
+            else:
+                recent = await asyncio.to_thread(self.state.recent, user_id, limit)
         except BackendUnavailable as err:
             self._failed("read", err)
             return None

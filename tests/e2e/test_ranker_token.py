@@ -84,3 +84,15 @@ def test_one_serve_with_a_token_ranks(trained: TrainResult, bentoml_home: Path) 
     finally:
         api.stop()
     assert response.status_code == 200, response.text
+
+
+def test_a_ranking_service_on_its_own_refuses_pickles(ranker: ServerProcess, trained: TrainResult) -> None:
+    """Served on its own (a main server), BentoML refuses its pickle media type (415); the
+    pickle hop exists only inside one `bentoml serve`, where models/serving/bentoml_patches.py
+    loads numpy only (tests/integration/test_bentoml_patches.py)."""
+    import pickle
+
+    features = tag_rows(version_id(str(trained.tag)), np.zeros((2, N_FEATURES)))
+    response = httpx.post(f"{ranker.url}/score", content=pickle.dumps({"features": features}, protocol=5), timeout=10,
+                          headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/vnd.bentoml+pickle"})  # fmt: skip
+    assert response.status_code == 415, response.text

@@ -351,3 +351,60 @@ def test_renewed_runner_session_closes_only_when_idle(patched: bool, monkeypatch
             f"BentoML no longer closes a renewed session under a request ({outcome!r}): "
             "drop retire_sessions_when_idle"
         )
+
+
+class _Opens:
+    """A pickle that, loaded, opens (creates) a file: what a hostile body could run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (str(self.path), "w"))
+
+
+def _pickle_payload(value: Any) -> Any:
+    """A body as BentoML's client sends it (protocol 5, out-of-band buffers)."""
+    serde = importlib.import_module("_bentoml_impl.serde")
+    payload = serde.PickleSerde().serialize_value(value)
+    return serde.Payload([bytes(chunk) for chunk in payload.data], dict(payload.metadata))
+
+
+def test_pickled_arrays_and_scalars_still_load() -> None:
+    import numpy as np
+
+    import service  # noqa: F401  (applies the patches)
+
+    serde = importlib.import_module("_bentoml_impl.serde")
+    value = {"features": np.arange(12, dtype=np.float32).reshape(3, 4), "n": np.float32(2.5), "rows": [1, "a", None]}
+    got = serde.PickleSerde().deserialize_value(_pickle_payload(value))
+    assert np.array_equal(got["features"], value["features"]) and got["features"].dtype == np.float32
+    assert got["n"] == np.float32(2.5) and got["rows"] == [1, "a", None]
+
+
+@pytest.mark.parametrize("out_of_band", [True, False], ids=["with buffer lengths", "one pickle"])
+def test_a_pickle_naming_any_other_global_is_refused_and_never_runs(tmp_path: Path, out_of_band: bool) -> None:
+    import pickle
+
+    from bentoml.exceptions import BadInput
+
+    import service  # noqa: F401
+
+    serde = importlib.import_module("_bentoml_impl.serde")
+    target = tmp_path / "ran"
+    payload = (_pickle_payload({"features": _Opens(target)}) if out_of_band
+               else serde.Payload([pickle.dumps(_Opens(target))], {}))  # fmt: skip
+    with pytest.raises(BadInput, match=r"names io\.open"):
+        serde.PickleSerde().deserialize_value(payload)
+    assert not target.exists()
+
+
+def test_bentomls_own_unpickling_still_loads_any_global() -> None:
+    """The day BentoML restricts what its pickle serde loads, this fails: drop the patch."""
+    from collections import OrderedDict
+
+    import service  # noqa: F401
+
+    serde = importlib.import_module("_bentoml_impl.serde")
+    own = serde.PickleSerde.deserialize_value.__wrapped__
+    assert own(serde.PickleSerde(), _pickle_payload(OrderedDict(a=1))) == OrderedDict(a=1)

@@ -374,3 +374,47 @@ def test_sqlite_a_writer_of_another_process_holding_the_lock_past_the_timeout(tm
         if holder.stdout is not None:
             holder.stdout.close()
         state.close()
+
+
+def test_sqlite_reads_recent_items_while_another_process_writes(tmp_path: Path) -> None:
+    """/recommend reads recent items on its event loop (recent_never_waits): a writer of
+    another process in the middle of a transaction holds the read up by nothing, and the read
+    sees what was committed before it."""
+    path = tmp_path / "state.sqlite3"
+    state = SqliteState(path, OnlineLimits(10, 100.0, 100.0, 2.0))
+    assert state.recent_never_waits
+    state.write_events([ev("before", item="i-before")])
+    hold = ("import sqlite3, sys, time\nc = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+            "c.execute('BEGIN IMMEDIATE')\nc.execute(\"INSERT INTO recent VALUES ('u1', 'i-during', 'view', 2000.0)\")\n"
+            "print('held', flush=True)\ntime.sleep(float(sys.argv[2]))\n")  # fmt: skip
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(path), "5.0"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        start = time.monotonic()
+        items = [r.item_id for r in state.recent("u1", 10)]
+        waited = time.monotonic() - start
+        assert items == ["i-before"]  # the writer's uncommitted row is not seen
+        assert waited < 1.0, waited  # not the 2 s busy timeout of writes: no wait at all
+    finally:
+        holder.kill()
+        holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
+        state.close()
+
+
+@pytest.mark.parametrize(("setting", "events", "impressions"), [("FULL", 2, 1), ("NORMAL", 1, 1)])
+def test_sqlite_impressions_commit_without_an_fsync_and_events_as_set(
+    tmp_path: Path, setting: str, events: int, impressions: int
+) -> None:
+    """PRAGMA synchronous of each thread's connections (2 FULL, 1 NORMAL): events as the
+    setting says; impressions NORMAL always (nobody was acknowledged for one)."""
+    state = SqliteState(tmp_path / "state.sqlite3", OnlineLimits(10, 100.0, 100.0, 2.0), setting)  # type: ignore[arg-type]
+    try:
+        state.write_events([ev("e1")])
+        state.write_impression(Impression("r1", "u1", ("i1",), "m:1", "champion", 1000.0))
+        assert state._conn().execute("PRAGMA synchronous").fetchone()[0] == events
+        assert state._conn("impressions").execute("PRAGMA synchronous").fetchone()[0] == impressions
+        assert state.impression("r1") is not None
+    finally:
+        state.close()

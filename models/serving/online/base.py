@@ -17,7 +17,8 @@ journal (one entry per event and per response: at 100 events/s, a day is 8.6 mil
 about 1 GB in Redis).
 
 Every method is synchronous and may block (on disk, on a lock, on the network): never call
-one from an event loop. An async API calls them in a thread (`asyncio.to_thread`, or a
+one from an event loop, but `recent` of a backend whose `recent_never_waits` (SQLite's WAL
+reads: ~30 µs, no writer holds them up; a thread hop for each /recommend cost more). An async API calls them in a thread (`asyncio.to_thread`, or a
 BentoML `def` API, which runs in a thread pool), and writes events and impressions through
 `GroupCommitWriter` (writer.py), which joins the writes of concurrent requests into one
 durable commit.
@@ -103,6 +104,8 @@ class OnlineState(abc.ABC):
     """One backend of the online state. Instances are safe to share between threads."""
 
     backend: str
+    # True when `recent` is a local read that no writer holds up: called on the event loop.
+    recent_never_waits: bool = False
     # Identifies the journal the cursors belong to: a new, empty store has a new id, so that
     # the exporter never mistakes its cursors for those of an earlier store.
     journal_id: str

@@ -14,6 +14,15 @@ process, then on a file lock beside the database (`<file>.writelock`) shared by 
 processes of the machine, then take SQLite's own lock (with a busy timeout, for writers that
 are not ours): all three within `timeout_s`, past which the write is `BackendUnavailable`.
 Open one state per process, after any fork.
+
+Impressions commit with `synchronous=NORMAL` whatever the setting: nobody is acknowledged for
+one, a `kill -9` loses none (the WAL is written before COMMIT returns), and the next durable
+commit (an event batch, an export's mark) fsyncs them with it. Measured at 64 clients, the
+impressions' fsync'd commits and a thread hop per read cost the API workers about 0.7 ms of
+CPU per /recommend (3.0 against 2.3 ms with the state off); without them, none.
+Reads of a user's recent items never wait on a writer (WAL), so /recommend does them on its
+event loop (`recent_never_waits`), with a short busy timeout for the rare moments SQLite makes
+a reader wait (a crashed writer's recovery).
 """
 
 from __future__ import annotations
@@ -54,6 +63,8 @@ _UNAVAILABLE = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_FULL", "SQLITE_IOERR", "
 # "type:item_id" does because no type is a prefix of another; so the index below serves the
 # order, and a user's newest items are read from it without a sort.
 _NEWEST_FIRST = "ts DESC, type DESC, item_id DESC"
+# The longest a read of recent items waits on SQLite's locks: it runs on an event loop.
+READ_BUSY_TIMEOUT_S = 0.05
 # Rows per multi-row INSERT: 8 parameters each, well within SQLite's 32,766.
 _ROWS_PER_INSERT = 1000
 
@@ -126,8 +137,14 @@ def _seq(cursor: Cursor) -> int:
     return int(cursor)
 
 
+# A thread's connections, by use: durable writes and other reads (`synchronous` as set),
+# impressions (NORMAL, see above), reads of recent items (short busy timeout).
+ConnectionUse = Literal["default", "impressions", "recent"]
+
+
 class SqliteState(OnlineState):
     backend = "sqlite"
+    recent_never_waits = True
 
     def __init__(
         self, path: Path, limits: OnlineLimits, synchronous: Literal["FULL", "NORMAL"] = "FULL",
@@ -159,17 +176,17 @@ class SqliteState(OnlineState):
 
     # -- connections and transactions ------------------------------------------------------
 
-    def _conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+    def _conn(self, use: ConnectionUse = "default") -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, use, None)
         if conn is None:
             if self._closed:
                 raise RuntimeError(f"{self.path}: the online state is closed")
             # isolation_level=None: no implicit transactions; ours are explicit and IMMEDIATE
             # (a deferred one that upgrades to a write can fail at once with SQLITE_BUSY).
-            conn = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None,
-                                   check_same_thread=False)  # fmt: skip
-            conn.execute(f"PRAGMA synchronous={self.synchronous}")
-            self._local.conn = conn
+            timeout = READ_BUSY_TIMEOUT_S if use == "recent" else self.timeout_s
+            conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None, check_same_thread=False)
+            conn.execute(f"PRAGMA synchronous={'NORMAL' if use == 'impressions' else self.synchronous}")
+            setattr(self._local, use, conn)
             with self._registry_lock:
                 self._connections.append(conn)
         return conn
@@ -185,10 +202,10 @@ class SqliteState(OnlineState):
             raise
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, use: ConnectionUse = "default") -> Iterator[sqlite3.Connection]:
         """One write transaction: the process's write lock, the machine's (a file lock), then
-        SQLite's (each within the timeout), committed durably on success, rolled back on any
-        error."""
+        SQLite's (each within the timeout), committed on success (durably but for `use`
+        "impressions"), rolled back on any error."""
         deadline = time.monotonic() + self.timeout_s
         if not self._write_lock.acquire(timeout=self.timeout_s):
             raise BackendUnavailable(self.backend, f"{self.path}: write lock busy for {self.timeout_s:g} s",
@@ -200,7 +217,7 @@ class SqliteState(OnlineState):
                 raise BackendUnavailable(self.backend, f"{self._lock_path}: held by another process for "
                                          f"{self.timeout_s:g} s", self.retry_after_s)  # fmt: skip
             with self._unavailable_as_error():
-                conn = self._conn()
+                conn = self._conn(use)
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     yield conn
@@ -258,7 +275,7 @@ class SqliteState(OnlineState):
 
     def recent(self, user_id: str, limit: int) -> list[RecentItem]:
         with self._unavailable_as_error():
-            rows = self._conn().execute(
+            rows = self._conn("recent").execute(
                 f"SELECT item_id, ts, type FROM recent WHERE user_id = ? ORDER BY {_NEWEST_FIRST} LIMIT ?",
                 (user_id, limit),
             ).fetchall()  # fmt: skip
@@ -287,7 +304,7 @@ class SqliteState(OnlineState):
     def write_impressions(self, impressions: Sequence[Impression]) -> WriteResult:
         received = time.time()
         inserted: set[str] = set()
-        with self._transaction() as conn:
+        with self._transaction("impressions") as conn:
             for start in range(0, len(impressions), _ROWS_PER_INSERT):
                 chunk = impressions[start:start + _ROWS_PER_INSERT]
                 rows = conn.execute(
