@@ -5,6 +5,7 @@ the journal, retention, crashes, a full backend, and one that is gone and comes 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import os
 import signal
@@ -12,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -350,6 +352,20 @@ def test_a_new_store_has_a_journal_of_its_own(tmp_path: Path) -> None:
             s.close()
 
 
+@contextlib.contextmanager
+def holding(script: str, *args: str) -> Iterator[subprocess.Popen[str]]:
+    """Run `script` in another process until it prints 'held'; kill it on the way out."""
+    holder = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
+
+
 def test_sqlite_a_writer_of_another_process_holding_the_lock_past_the_timeout(tmp_path: Path) -> None:
     """The machine-wide writer lock (a file lock): a writer that gives up on it answers
     BackendUnavailable; its waiter lets the lock go once it gets it, so the next write works."""
@@ -357,22 +373,17 @@ def test_sqlite_a_writer_of_another_process_holding_the_lock_past_the_timeout(tm
     state = SqliteState(path, OnlineLimits(10, 100.0, 100.0, 0.3))
     hold = ("import fcntl, os, sys, time\nfd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
             "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(float(sys.argv[2]))\n")  # fmt: skip
-    holder = subprocess.Popen([sys.executable, "-c", hold, f"{path}.writelock", "1.0"], stdout=subprocess.PIPE, text=True)
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        with pytest.raises(BackendUnavailable, match="held by another process"):
-            state.write_events([ev("blocked")])
-        holder.wait(timeout=10)
-        assert state.write_events([ev("blocked"), ev("later")]).new == (True, True)
-        # Nothing of ours holds the file lock between writes.
-        probe = os.open(f"{path}.writelock", os.O_RDWR)
-        fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.close(probe)
+        with holding(hold, f"{path}.writelock", "1.0") as holder:
+            with pytest.raises(BackendUnavailable, match="held by another process"):
+                state.write_events([ev("blocked")])
+            holder.wait(timeout=10)
+            assert state.write_events([ev("blocked"), ev("later")]).new == (True, True)
+            # Nothing of ours holds the file lock between writes.
+            probe = os.open(f"{path}.writelock", os.O_RDWR)
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.close(probe)
     finally:
-        holder.kill()
-        holder.wait()
-        if holder.stdout is not None:
-            holder.stdout.close()
         state.close()
 
 
@@ -387,19 +398,14 @@ def test_sqlite_reads_recent_items_while_another_process_writes(tmp_path: Path) 
     hold = ("import sqlite3, sys, time\nc = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
             "c.execute('BEGIN IMMEDIATE')\nc.execute(\"INSERT INTO recent VALUES ('u1', 'i-during', 'view', 2000.0)\")\n"
             "print('held', flush=True)\ntime.sleep(float(sys.argv[2]))\n")  # fmt: skip
-    holder = subprocess.Popen([sys.executable, "-c", hold, str(path), "5.0"], stdout=subprocess.PIPE, text=True)
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        start = time.monotonic()
-        items = [r.item_id for r in state.recent("u1", 10)]
-        waited = time.monotonic() - start
-        assert items == ["i-before"]  # the writer's uncommitted row is not seen
-        assert waited < 1.0, waited  # not the 2 s busy timeout of writes: no wait at all
+        with holding(hold, str(path), "5.0"):
+            start = time.monotonic()
+            items = [r.item_id for r in state.recent("u1", 10)]
+            waited = time.monotonic() - start
+            assert items == ["i-before"]  # the writer's uncommitted row is not seen
+            assert waited < 1.0, waited  # not the 2 s busy timeout of writes: no wait at all
     finally:
-        holder.kill()
-        holder.wait()
-        if holder.stdout is not None:
-            holder.stdout.close()
         state.close()
 
 
