@@ -17,9 +17,10 @@ journal (one entry per event and per response: at 100 events/s, a day is 8.6 mil
 about 1 GB in Redis).
 
 Every method is synchronous and may block (on disk, on a lock, on the network): never call
-one from an event loop, but `recent` of a backend whose `recent_never_waits` (SQLite's WAL
-reads: ~30 µs, no writer holds them up; a thread hop for each /recommend cost more). An async API calls them in a thread (`asyncio.to_thread`, or a
-BentoML `def` API, which runs in a thread pool), and writes events and impressions through
+one from an event loop, except `recent` of a backend whose `recent_never_waits` is True
+(SQLite's WAL reads: ~30 µs, held up by no writer; a thread hop per /recommend cost more).
+An async API calls the others in a thread (`asyncio.to_thread`, or a BentoML `def` API,
+which runs in a thread pool), and writes events and impressions through
 `GroupCommitWriter` (writer.py), which joins the writes of concurrent requests into one
 durable commit.
 Errors of the backend (down, locked past the timeout, full) are `BackendUnavailable`, with a
