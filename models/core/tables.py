@@ -249,7 +249,8 @@ def one_user_profile(
 ) -> tuple[np.ndarray, np.ndarray]:
     """user_profiles of a single user's interactions `items` (its rows 0): serving's merged
     history, on every /recommend with online items. The same arithmetic without the per-user
-    scatter (np.add.at and bincounts cost ~120 µs a call; this, ~15 µs)."""
+    scatter (np.add.at and bincounts: serving's user_profile took 121 µs a call with it, 48
+    without, on MovieLens-small)."""
     years = item_year[items].astype(np.float64)
     known = years[years >= 0]
     user_year = float(known.sum() / len(known)) if len(known) else UNKNOWN_YEAR

@@ -57,9 +57,8 @@ OpenAPI truthfulness (`/docs.json`):
 Pickles from the network: the internal hop (API to ranking service, and its answer) is
 BentoML's `application/vnd.bentoml+pickle`. A service served on its own refuses it (415), but
 a dependency started by the same `bentoml serve` accepts it from whoever reaches its socket,
-and `pickle.loads` runs whatever a payload names. The hop is lean
-(protocol 5: the arrays' bytes travel as they are, beside a header of about 150 bytes), so it
-is kept, but `numpy_only_unpickling` loads it with an unpickler that allows numpy's array,
+and `pickle.loads` runs whatever a payload names. The hop is lean (protocol 5: the arrays'
+bytes travel as they are, beside a small header), so it is kept, but `numpy_only_unpickling` loads it with an unpickler that allows numpy's array,
 dtype and scalar constructors and nothing else; any other global is a 400 naming it.
 """
 
@@ -68,10 +67,10 @@ from __future__ import annotations
 import asyncio
 import atexit
 import importlib
+import io
 import json
 import logging
 import logging.handlers
-import io
 import os
 import pickle
 import queue

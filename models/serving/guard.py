@@ -116,10 +116,13 @@ class RequestGuard:
         matches = [hmac.compare_digest(given, key) for key in self._admin_keys]  # every key: constant time
         return None if any(matches) else 401
 
+    def _is_admin_call(self, scope: Scope) -> bool:
+        # Admin routes are POST only: any other method goes on to the router's 405.
+        return scope["path"] in self.admin_paths and scope.get("method") == "POST"
+
     def _authorized(self, scope: Scope) -> int | None:
         """None if the request may pass, else the status to refuse it with (401, 403)."""
-        # Admin routes are POST only: any other method goes on to the router's 405.
-        if scope["path"] in self.admin_paths and scope.get("method") == "POST":
+        if self._is_admin_call(scope):
             return self._admin(scope)
         if not self._keys or scope["path"] in self.public_paths:
             return None
@@ -163,7 +166,7 @@ class RequestGuard:
             if scope.get("method") == "GET":
                 scope = {**scope, "method": "POST"}
         refused = self._authorized(scope)
-        if refused == 403 and scope["path"] in self.admin_paths and scope.get("method") == "POST":
+        if refused == 403 and self._is_admin_call(scope):
             await _refuse(send, scope, 403, f"{scope['path']} is off: set RECSYS_ADMIN_KEYS and send "
                           "'Authorization: Bearer <admin key>'")  # fmt: skip
             return

@@ -409,10 +409,8 @@ def test_sqlite_reads_recent_items_while_another_process_writes(tmp_path: Path) 
         state.close()
 
 
-@pytest.mark.parametrize(("setting", "events", "impressions"), [("FULL", 2, 1), ("NORMAL", 1, 1)])
-def test_sqlite_impressions_commit_without_an_fsync_and_events_as_set(
-    tmp_path: Path, setting: str, events: int, impressions: int
-) -> None:
+@pytest.mark.parametrize(("setting", "events"), [("FULL", 2), ("NORMAL", 1)])
+def test_sqlite_impressions_commit_without_an_fsync_and_events_as_set(tmp_path: Path, setting: str, events: int) -> None:
     """PRAGMA synchronous of each thread's connections (2 FULL, 1 NORMAL): events as the
     setting says; impressions NORMAL always (nobody was acknowledged for one)."""
     state = SqliteState(tmp_path / "state.sqlite3", OnlineLimits(10, 100.0, 100.0, 2.0), setting)  # type: ignore[arg-type]
@@ -420,7 +418,7 @@ def test_sqlite_impressions_commit_without_an_fsync_and_events_as_set(
         state.write_events([ev("e1")])
         state.write_impression(Impression("r1", "u1", ("i1",), "m:1", "champion", 1000.0))
         assert state._conn().execute("PRAGMA synchronous").fetchone()[0] == events
-        assert state._conn("impressions").execute("PRAGMA synchronous").fetchone()[0] == impressions
+        assert state._conn("impressions").execute("PRAGMA synchronous").fetchone()[0] == 1
         assert state.impression("r1") is not None
     finally:
         state.close()
