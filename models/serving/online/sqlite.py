@@ -18,8 +18,9 @@ Open one state per process, after any fork.
 Impressions commit with `synchronous=NORMAL` whatever the setting: nobody is acknowledged for
 one, a `kill -9` loses none (the WAL is written before COMMIT returns), and the next durable
 commit (an event batch, an export's mark) fsyncs them with it. Measured at 64 clients, the
-impressions' fsync'd commits and a thread hop per read cost the API workers about 0.7 ms of
-CPU per /recommend (3.0 against 2.3 ms with the state off); without them, none.
+state cost the API workers about 0.7 ms of CPU per /recommend when impressions were fsync'd
+every 10 ms and each read took a thread hop (3.0 against 2.3 ms off); with impressions off
+and the read on the loop, nothing measurable; as built (these, and the read below), ~0.3 ms.
 Reads of a user's recent items never wait on a writer (WAL), so /recommend does them on its
 event loop (`recent_never_waits`), with a short busy timeout for the rare moments SQLite makes
 a reader wait (a crashed writer's recovery).
