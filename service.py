@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import gc
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -58,6 +57,7 @@ from models.serving.bentoml_patches import (
 from models.serving.events import InvalidEvent
 from models.serving.export_loop import ExportLoop
 from models.serving.guard import RequestGuard, TokenGuard
+from models.serving.heap import freeze_startup_heap
 from models.serving.monitoring import DriftMonitor
 from models.serving.online import BackendUnavailable, make_state
 from models.serving.orchestration import Ranking
@@ -101,14 +101,6 @@ RANKER_URLS = settings.ranker_url_list()
 # Live reload: whether the workers follow the registry's stages (models/serving/reload.py).
 FOLLOWS = follows_registry(settings, Path(__file__))
 SCORE_APIS: dict[Role, str] = {"champion": "score", "challenger": "score_challenger"}
-
-
-def freeze_startup_heap() -> None:
-    """Move everything alive after start-up (frameworks, model, tables) out of the garbage
-    collector's sight: otherwise each full collection walks it all, a 100-150 ms pause every
-    few seconds under load that showed as the p99 of /recommend."""
-    gc.collect()
-    gc.freeze()
 
 
 def documented_limits(func: Any) -> Any:

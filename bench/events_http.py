@@ -1,7 +1,7 @@
 """The real-time path over HTTP, against issue 15's bars, on a real `bentoml serve` (2 API
 workers, 1 ranking worker; 127.0.0.1 only):
 
-    python -m bench.events_http            # ~9 minutes; writes bench/results/events_http.{md,json,png}
+    python -m bench.events_http            # ~10 minutes; writes bench/results/events_http.{md,json,png}
     python -m bench.events_http --smoke    # a minute or two; checks that the benchmark works
 
 1. POST /events at 64 clients (closed loop), 100-event batches and 1-event requests, on
@@ -16,7 +16,8 @@ workers, 1 ranking worker; 127.0.0.1 only):
    answer that shows it, and how many requests that took (the bar: the very next one), while
    load runs: /recommend paced at half the capacity measured in 2 (the project's "half
    saturation", bench/perf.py) plus /events at 100-event batches paced at a tenth of the
-   SQLite bar; and once more at saturation (64 closed-loop /recommend clients).
+   SQLite bar, in 3 rounds whose probes are pooled (one round's p99 is its 3rd worst of 300);
+   and once more at saturation (64 closed-loop /recommend clients).
 
 The load generators (bench/loadgen.py) and the probe run in processes of their own, on the
 same 2 cores as the server: figures are of a shared, noisy machine, ratios are within a run.
@@ -161,18 +162,28 @@ def _probe_process(url: str, items: tuple[str, ...], n: int, interval_s: float, 
 
 
 def freshness(ctx: Any, url: str, items: tuple[str, ...], loads: list[tuple[Load, float | None]], seconds: float,
-              probes: int) -> dict[str, Any]:  # fmt: skip
+              probes: int, rounds: int = 1) -> dict[str, Any]:  # fmt: skip
     """Probes spread over the middle of `seconds` of the given loads (each 64 clients, paced
-    to its rate, or closed loop with None)."""
-    running = [start_load(ctx, url, load, CLIENTS, seconds, 0.0, rate) for load, rate in loads]
-    out = ctx.Queue()
-    delay = min(2.0, seconds / 5)
-    interval = max(0.0, (seconds - 2 * delay) / probes)
-    probe = ctx.Process(target=_probe_process, args=(url, items, probes, interval, delay, out))
-    probe.start()
-    found = out.get(timeout=seconds + 300)
-    probe.join(timeout=30)
-    load_results = [finish(p, q, seconds + 120) for p, q in running]
+    to its rate, or closed loop with None), `rounds` times over: one round's p99 is its 3rd
+    worst of 300, and rounds minutes apart differed by 2x on this shared machine. The
+    figures are of all probes pooled, with each round's p99 beside them."""
+    found: list[dict[str, float]] = []
+    load_results: list[dict[str, Any]] = []
+    round_p99: list[float] = []
+    for _ in range(rounds):
+        running = [start_load(ctx, url, load, CLIENTS, seconds, 0.0, rate) for load, rate in loads]
+        out = ctx.Queue()
+        delay = min(2.0, seconds / 5)
+        interval = max(0.0, (seconds - 2 * delay) / probes)
+        probe = ctx.Process(target=_probe_process, args=(url, items, probes, interval, delay, out))
+        probe.start()
+        these = out.get(timeout=seconds + 300)
+        probe.join(timeout=30)
+        load_results += [finish(p, q, seconds + 120) for p, q in running]
+        found += these
+        fresh_ms = [f["fresh_ms"] for f in these if f["status"] == 200]
+        if fresh_ms:
+            round_p99.append(round(float(np.percentile(fresh_ms, 99)), 2))
     ok = [f for f in found if f["status"] == 200]
     fresh = [f["fresh_ms"] for f in ok]
     return {
@@ -181,7 +192,7 @@ def freshness(ctx: Any, url: str, items: tuple[str, ...], loads: list[tuple[Load
         "max_polls": max((f["polls"] for f in ok), default=0),
         "p50_ms": round(float(np.percentile(fresh, 50)), 2) if fresh else None,
         "p99_ms": round(float(np.percentile(fresh, 99)), 2) if fresh else None,
-        "max_ms": round(max(fresh), 2) if fresh else None,
+        "max_ms": round(max(fresh), 2) if fresh else None, "round_p99_ms": round_p99,
         "samples_ms": [round(x, 2) for x in fresh], "loads": load_results,
     }  # fmt: skip
 
@@ -194,7 +205,7 @@ def measure_freshness(ctx: Any, url: str, items: tuple[str, ...], recommend: Loa
     others = Load("/events", load_users, items, 100, f"fresh-load-{uuid.uuid4().hex[:6]}")
     seconds = max(3.0, 2 * args.seconds)
     fresh = {"half": freshness(ctx, url, items, [(recommend, capacity / 2), (others, BARS["events100_eps"] / 10 / 100)],
-                               seconds, args.probes)}  # fmt: skip
+                               seconds, args.probes, args.rounds)}  # fmt: skip
     fresh["half"]["recommend_rate"] = round(capacity / 2, 1)
     fresh["saturated"] = freshness(ctx, url, items, [(recommend, None)], seconds, args.probes)
     for name, f in fresh.items():
@@ -239,12 +250,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.events_http", description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=10.0, help="per throughput cell (after a 2 s warm-up)")
     p.add_argument("--pairs", type=int, default=5, help="alternating on/off server pairs for /recommend")
-    p.add_argument("--probes", type=int, default=300, help="freshness probes per load")
+    p.add_argument("--probes", type=int, default=300, help="freshness probes per load and round")
+    p.add_argument("--rounds", type=int, default=3, help="freshness rounds at half saturation (probes pooled)")
     p.add_argument("--smoke", action="store_true", help="tiny run: checks the benchmark works")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     if args.smoke:
-        args.seconds, args.pairs, args.probes = 1.0, 1, 10
+        args.seconds, args.pairs, args.probes, args.rounds = 1.0, 1, 10, 1
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="recsys-events-http-"))
     try:
@@ -328,10 +340,15 @@ def bars(events: list[dict[str, Any]], pairs: list[dict[str, Any]], fresh: dict[
          f"median {median:.1%} of {len(ratios)} pairs ({min(ratios, default=0):.1%}-{max(ratios, default=0):.1%})",
          median >= BARS["online_ratio"]),
         (f"freshness p99, acknowledgement to a /recommend that shows it, under load: <= {BARS['freshness_p99_ms']:g} ms",
-         f"{half['p99_ms']} ms (p50 {half['p50_ms']} ms; the next request in {half['next_request_share']:.1%})",
+         f"{half['p99_ms']} ms over {half['probes']} probes (rounds' p99 {_spread(half['round_p99_ms'])} ms; "
+         f"p50 {half['p50_ms']} ms; the next request in {half['next_request_share']:.1%})",
          half["p99_ms"] is not None and half["p99_ms"] <= BARS["freshness_p99_ms"] and half["unseen"] == 0),
     ]  # fmt: skip
     return rows
+
+
+def _spread(values: list[float]) -> str:
+    return f"{min(values)}-{max(values)}" if len(values) > 1 else (f"{values[0]}" if values else "-")
 
 
 def write_report(out: Path, events: list[dict[str, Any]], pairs: list[dict[str, Any]], fresh: dict[str, Any],
@@ -355,11 +372,11 @@ def write_report(out: Path, events: list[dict[str, Any]], pairs: list[dict[str, 
     lines += [f"| {i + 1} | {p['on']['rps']:,.0f} | {p['off']['rps']:,.0f} | {p['ratio']:.1%} | {p['on']['p99_ms']} | "
               f"{p['off']['p99_ms']} | {p['on'].get('busier_api_worker_share')} / {p['off'].get('busier_api_worker_share')} |"
               for i, p in enumerate(pairs)]  # fmt: skip
-    lines += ["", "| freshness under | probes | p50 ms | p99 ms | max ms | next request | most requests | not seen |",
-              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += ["", "| freshness under | probes | p50 ms | p99 ms | rounds' p99 ms | max ms | next request | most requests | "
+              "not seen |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     names = {"half": f"half saturation (/recommend {fresh['half']['recommend_rate']:,.0f} req/s + "
                      f"{BARS['events100_eps'] / 10:,.0f} events/s)", "saturated": f"saturation ({CLIENTS} /recommend clients)"}  # fmt: skip
-    lines += [f"| {names[k]} | {f['probes']} | {f['p50_ms']} | {f['p99_ms']} | {f['max_ms']} | "
+    lines += [f"| {names[k]} | {f['probes']} | {f['p50_ms']} | {f['p99_ms']} | {_spread(f['round_p99_ms'])} | {f['max_ms']} | "
               f"{f['next_request_share']:.1%} | {f['max_polls']:g} | {f['unseen']} |" for k, f in fresh.items()]  # fmt: skip
     lines += ["", "| bar | measured | met |", "|---|---|---|"]
     lines += [f"| {name} | {value} | {'yes' if ok else 'no'} |" for name, value, ok in bars(events, pairs, fresh)]
