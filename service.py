@@ -56,7 +56,7 @@ from models.serving.bentoml_patches import (
 )
 from models.serving.events import InvalidEvent
 from models.serving.export_loop import ExportLoop
-from models.serving.guard import RequestGuard, TokenGuard
+from models.serving.guard import ConnectionRecycler, RequestGuard, TokenGuard
 from models.serving.heap import freeze_startup_heap
 from models.serving.monitoring import DriftMonitor
 from models.serving.online import BackendUnavailable, make_state
@@ -466,5 +466,6 @@ ApiService.add_asgi_middleware(
     admin_keys=settings.admin_key_list(),
     admin_paths=ADMIN_ROUTES,
 )
+ApiService.add_asgi_middleware(ConnectionRecycler, max_requests=settings.max_requests_per_connection)
 if settings.ranker_token is not None:
     RankerService.add_asgi_middleware(TokenGuard, token=settings.ranker_token.get_secret_value())

@@ -132,6 +132,12 @@ class RecsysSettings(BaseSettings):
         2, ge=1, description="Scoring calls an API worker keeps out at once (per model) when "
         "joining; more calls wait and go out together."
     )
+    # Measured on 2 cores, /recommend at 64 clients: see ConnectionRecycler in guard.py.
+    max_requests_per_connection: int = Field(
+        50, ge=0, description="Requests a client's kept-alive connection to an API worker "
+        "serves before it is closed (Connection: close on the last answer), so that connections "
+        "spread again over the workers; 0: never closed."
+    )
     access_log: bool = Field(False, description="BentoML's per-request access log (both services).")
     log_format: Literal["text", "json"] = Field(
         "text", description="Server log lines as BentoML's text, or one JSON object a line."

@@ -102,6 +102,18 @@ def test_without_keys_no_key_is_needed(server: ServerProcess) -> None:
     assert httpx.post(f"{server.url}/recommend", json=BODY, timeout=10).status_code == 200
 
 
+def test_a_kept_alive_connection_is_closed_after_its_max_requests(server: ServerProcess) -> None:
+    """So that connections spread again over the API workers (guard.ConnectionRecycler);
+    the client reconnects by itself and every request is answered."""
+    per_connection = RecsysSettings().max_requests_per_connection
+    with httpx.Client(timeout=10) as client:
+        answers = [client.post(f"{server.url}/recommend", json=BODY) for _ in range(2 * per_connection + 1)]
+    assert {r.status_code for r in answers} == {200}
+    closed = [i for i, r in enumerate(answers) if r.headers.get("connection") == "close"]
+    # The first connection's count may have begun earlier if its port was reused: the gaps tell.
+    assert len(closed) >= 2 and all(b - a == per_connection for a, b in zip(closed, closed[1:])), closed
+
+
 def test_oversized_body_is_a_413(server: ServerProcess) -> None:
     limit = RecsysSettings().max_body_bytes
     body = b'{"user_id": "u1", "pad": "' + b"x" * limit + b'"}'

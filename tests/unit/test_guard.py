@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from models.serving.guard import RequestGuard
+from models.serving.guard import ConnectionRecycler, RequestGuard
 
 
 async def echo_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -244,3 +244,45 @@ def test_other_methods_of_an_admin_path_go_on_to_the_router(admin_keys: list[str
                          admin_keys=admin_keys, admin_paths=frozenset({"/admin/reload"}))  # fmt: skip
     got, body = call(guard, "/admin/reload", {}, [b"{}"], method="TRACE")
     assert got == 200 and body == b"{}"
+
+
+def closes(recycler: ConnectionRecycler, client: tuple[str, int]) -> bool:
+    """Whether the recycler's answer to one request from `client` closes the connection."""
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/recommend", "headers": [], "client": client}
+    asyncio.run(recycler(scope, receive, send))
+    headers = dict(sent[0]["headers"])
+    assert sent[0]["status"] == 200 and b"".join(m.get("body", b"") for m in sent[1:]) == b"{}"
+    return headers.get(b"connection") == b"close"
+
+
+@pytest.mark.parametrize("max_requests", [1, 3, 50])
+def test_a_connection_is_closed_at_its_max_requests_th_answer(max_requests: int) -> None:
+    recycler = ConnectionRecycler(echo_app, max_requests=max_requests)
+    one, other = ("127.0.0.1", 50001), ("127.0.0.1", 50002)
+    answers = [closes(recycler, one) for _ in range(2 * max_requests)]
+    assert [i + 1 for i, closed in enumerate(answers) if closed] == [max_requests, 2 * max_requests]
+    # Another connection of the same host has its own count.
+    assert closes(recycler, other) is (max_requests == 1)
+
+
+def test_zero_never_closes_and_a_negative_count_is_refused() -> None:
+    recycler = ConnectionRecycler(echo_app, max_requests=0)
+    assert not any(closes(recycler, ("127.0.0.1", 50001)) for _ in range(200))
+    with pytest.raises(ValueError, match="max_requests -1: must be >= 0"):
+        ConnectionRecycler(echo_app, max_requests=-1)
+
+
+def test_the_tracked_connections_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ConnectionRecycler, "MAX_TRACKED", 10)
+    recycler = ConnectionRecycler(echo_app, max_requests=5)
+    for port in range(100):  # connections that close on their own, each after one request
+        closes(recycler, ("127.0.0.1", 40000 + port))
+    assert len(recycler._served) <= 10
