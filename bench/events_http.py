@@ -170,11 +170,11 @@ def freshness(ctx: Any, url: str, items: tuple[str, ...], loads: list[tuple[Load
     found: list[dict[str, float]] = []
     load_results: list[dict[str, Any]] = []
     round_p99: list[float] = []
+    delay = min(2.0, seconds / 5)
+    interval = max(0.0, (seconds - 2 * delay) / probes)
     for _ in range(rounds):
         running = [start_load(ctx, url, load, CLIENTS, seconds, 0.0, rate) for load, rate in loads]
         out = ctx.Queue()
-        delay = min(2.0, seconds / 5)
-        interval = max(0.0, (seconds - 2 * delay) / probes)
         probe = ctx.Process(target=_probe_process, args=(url, items, probes, interval, delay, out))
         probe.start()
         these = out.get(timeout=seconds + 300)

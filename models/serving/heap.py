@@ -7,9 +7,9 @@ import gc
 # Measured on 2 cores at half of /recommend's saturation (410 req/s beside 1,700 events/s),
 # with the default (700, 10, 10) after gc.freeze(): a full collection every ~3 s in each
 # worker, 11-33 ms each (~45k objects not frozen: the in-flight requests' objects outlive two
-# younger collections and are promoted), and the requests caught behind one were among the
-# slowest. With (20_000, 20, 20): none in 80 s, the younger ones under ~1 ms, and API CPU per
-# /recommend unchanged (1.67-1.75 against 1.73-1.77 ms, 2 alternating pairs).
+# younger collections and are promoted), and some clusters of slow requests began with one.
+# With (20_000, 20, 20): none in 80 s, and API CPU per /recommend unchanged (1.67-1.75
+# against 1.73-1.77 ms, 2 alternating pairs).
 GC_THRESHOLDS = (20_000, 20, 20)
 
 
