@@ -10,11 +10,9 @@ of recent items on a backend that says it never waits (SQLite).
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import functools
 import logging
 import math
-import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,7 +20,7 @@ from typing import Any
 import bentoml
 
 from models.serving.events import Impression, parse_events
-from models.serving.online import BackendUnavailable, GroupCommitWriter, OnlineState, WriteResult
+from models.serving.online import BackendUnavailable, BufferedWriter, GroupCommitWriter, OnlineState, WriteResult
 from models.serving.outcome_metrics import OutcomeCounter
 from models.serving.settings import RecsysSettings
 
@@ -60,14 +58,11 @@ class RealTime:
         self.settings = settings
         self.state = state
         self.events = GroupCommitWriter(state, settings.max_events, "events")
-        self.impressions = GroupCommitWriter(state, settings.max_events, "impressions",
-                                             linger_s=settings.online_impression_linger_ms / 1000)  # fmt: skip
+        self._failures_logged: set[str] = set()
         # Impressions are written off the response path; bounded, so that a slow backend
         # cannot pile them up in memory (beyond the bound they are dropped and counted).
-        self._max_pending = settings.max_in_flight
-        self._pending = 0
-        self._pending_lock = threading.Lock()
-        self._failures_logged: set[str] = set()
+        self.impressions = BufferedWriter(state, settings.max_events, settings.online_impression_linger_ms / 1000,
+                                          settings.max_in_flight, self._impressions_lost)  # fmt: skip
         self.outcomes = OutcomeCounter(state, settings.max_in_flight)
 
     async def accept(self, rows: Sequence[dict[str, Any]], known: Callable[[str], bool]) -> tuple[WriteResult, list[str]]:
@@ -108,41 +103,31 @@ class RealTime:
         follow once the client has the response, by which time the group commit (a few ms)
         is done. A failed write is counted (recsys_online_failures_total{operation=impression})."""
         self.outcomes.served(impression)  # counted as served, whether or not its write succeeds
-        with self._pending_lock:
-            if self._pending >= self._max_pending:
-                full = True
-            else:
-                full, self._pending = False, self._pending + 1
-        if full:
+        if not self.impressions.add(impression):
             self._count_failure("impression", "overflow")
-            return
-        # The outcome is handled in the writer's thread: waking the event loop for every
-        # impression (call_soon_threadsafe) cost every /recommend a turn of the loop.
-        self.impressions.write_future([impression]).add_done_callback(self._recorded)
 
-    def _recorded(self, future: concurrent.futures.Future[WriteResult]) -> None:
-        with self._pending_lock:
-            self._pending -= 1
-        err = future.exception()
+    def _impressions_lost(self, err: Exception, n: int) -> None:
+        """In the writer's thread: waking the event loop for the outcome of every impression
+        (call_soon_threadsafe) cost every /recommend a turn of the loop."""
         if isinstance(err, BackendUnavailable):
-            self._failed("impression", err)
-        elif err is not None:
-            self._count_failure("impression", type(err).__name__)
-            log.error("impression write failed: %r", err, exc_info=err)
+            self._failed("impression", err, n)
+        else:
+            self._count_failure("impression", type(err).__name__, n)
+            log.error("impression write failed (%d lost): %r", n, err, exc_info=err)
 
     def health(self) -> None:
         self.state.health()
 
-    def _failed(self, operation: str, err: BackendUnavailable) -> None:
-        self._count_failure(operation, "unavailable")
+    def _failed(self, operation: str, err: BackendUnavailable, n: int = 1) -> None:
+        self._count_failure(operation, "unavailable", n)
         if operation not in self._failures_logged:
             self._failures_logged.add(operation)
             log.warning("online state %s failed: %s (logged once per operation; all counted in "
                         "recsys_online_failures_total)", operation, err)  # fmt: skip
 
     @staticmethod
-    def _count_failure(operation: str, reason: str) -> None:
-        _metrics()["failures"].labels(operation=operation, reason=reason).inc()
+    def _count_failure(operation: str, reason: str, n: int = 1) -> None:
+        _metrics()["failures"].labels(operation=operation, reason=reason).inc(n)
 
     def flush(self) -> None:
         """Write what the writers hold and stop them (the state stays open: the exporter's

@@ -20,7 +20,7 @@ import pytest
 import redis
 
 from models.serving.events import MAX_ID_CHARS, Event, Impression
-from models.serving.online import GroupCommitWriter, make_state
+from models.serving.online import BufferedWriter, GroupCommitWriter, make_state
 from models.serving.online.base import START, BackendUnavailable, OnlineLimits, OnlineState, RecentItem
 from models.serving.online.redis import RedisState
 from models.serving.online.sqlite import SqliteState
@@ -149,23 +149,31 @@ def test_impressions_in_a_batch_and_joined_from_concurrent_responses(state: Onli
         writer.close()
 
 
-def test_a_lingering_writer_joins_writes_that_arrive_apart_and_writes_all_at_close(state: OnlineState) -> None:
+def test_a_buffered_writer_joins_entries_that_arrive_apart_bounds_them_and_writes_all_at_close(state: OnlineState) -> None:
     """Impressions one at a time, 2 ms apart (responses of a loaded worker): a writer that
-    lingers 200 ms commits them together; close() still writes the group it holds."""
-    writer = GroupCommitWriter(state, max_events=1000, kind="impressions", linger_s=0.2)
+    lingers 200 ms commits them together; beyond max_pending it refuses; close() still
+    writes what it holds; a failed write reaches on_error with the count it lost."""
+    lost: list[tuple[str, int]] = []
+    writer = BufferedWriter(state, max_events=1000, linger_s=0.2, max_pending=12,
+                            on_error=lambda err, n: lost.append((type(err).__name__, n)))  # fmt: skip
     try:
-        futures = []
         for i in range(10):
-            futures.append(writer.write_future([Impression(f"l{i}", "u3", ("a",), "v1", "champion", 1.0)]))
+            assert writer.add(Impression(f"l{i}", "u3", ("a",), "v1", "champion", 1.0))
             time.sleep(0.002)
-        assert all(f.result(timeout=10).new == (True,) for f in futures)
-        assert writer.commits <= 2, writer.commits
-        late = writer.write_future([Impression("late", "u3", ("a",), "v1", "champion", 1.0)])
+        deadline = time.monotonic() + 10
+        while writer.pending and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert writer.pending == 0 and writer.commits <= 2, writer.commits
+        assert all(state.impression(f"l{i}") is not None for i in range(10))
+        assert all(writer.add(Impression(f"m{i}", "u3", ("a",), "v1", "champion", 1.0)) for i in range(12))
+        assert writer.add(Impression("over", "u3", ("a",), "v1", "champion", 1.0)) is False
     finally:
         writer.close()
-    assert late.result(timeout=1).new == (True,) and state.impression("late") is not None
+    assert state.impression("m11") is not None and state.impression("over") is None and lost == []
+    with pytest.raises(RuntimeError, match="closed"):
+        writer.add(Impression("late", "u3", ("a",), "v1", "champion", 1.0))
     with pytest.raises(ValueError, match="linger_s"):
-        GroupCommitWriter(state, max_events=1000, linger_s=-1)
+        BufferedWriter(state, max_events=1000, linger_s=-1, max_pending=1, on_error=lambda err, n: None)
 
 
 def test_retention_drops_old_user_state_and_only_exported_old_journal_entries(online_store: StoreUnderTest) -> None:

@@ -71,7 +71,7 @@ def test_failed_impressions_are_counted_and_logged_once(realtime: RealTime, capl
     async def two_responses() -> None:
         for _ in range(2):
             realtime.record(impression_of(uuid.uuid4().hex, "u", ["a", "b"], "m:1", "champion"))
-        while realtime._pending:
+        while realtime.impressions.pending:
             await asyncio.sleep(0.01)
 
     with caplog.at_level(logging.WARNING, logger="recsys.online"):
@@ -85,7 +85,7 @@ def test_impressions_are_stored_under_their_id(realtime: RealTime) -> None:
 
     async def one() -> None:
         realtime.record(impression_of(rid, "u", ["a", "b"], "m:1", "champion"))
-        while realtime._pending:
+        while realtime.impressions.pending:
             await asyncio.sleep(0.01)
 
     asyncio.run(one())

@@ -17,7 +17,7 @@ from models.serving.online.base import (
     RecentItem,
     WriteResult,
 )
-from models.serving.online.writer import GroupCommitWriter
+from models.serving.online.writer import BufferedWriter, GroupCommitWriter
 from models.serving.settings import RecsysSettings
 
 
@@ -42,6 +42,6 @@ def make_state(settings: RecsysSettings) -> OnlineState | None:
 
 
 __all__ = [
-    "START", "BackendUnavailable", "Cursor", "ExpireResult", "GroupCommitWriter", "JournalKind",
+    "START", "BackendUnavailable", "BufferedWriter", "Cursor", "ExpireResult", "GroupCommitWriter", "JournalKind",
     "OnlineLimits", "OnlineState", "RecentItem", "WriteResult", "make_state",
 ]  # fmt: skip
