@@ -100,8 +100,8 @@ class RealTime:
 
     def record(self, impression: Impression) -> None:
         """Store what a response showed, without holding the response: a click can only
-        follow once the client has the response, by which time the group commit (a few ms)
-        is done. A failed write is counted (recsys_online_failures_total{operation=impression})."""
+        follow once the client has the response, and one that comes before the buffered write
+        (within the linger) is joined from memory (OutcomeCounter). A failed write is counted (recsys_online_failures_total{operation=impression})."""
         self.outcomes.served(impression)  # counted as served, whether or not its write succeeds
         if not self.impressions.add(impression):
             self._count_failure("impression", "overflow")
