@@ -57,7 +57,7 @@ class RealTime:
     def __init__(self, settings: RecsysSettings, state: OnlineState) -> None:
         self.settings = settings
         self.state = state
-        self.events = GroupCommitWriter(state, settings.max_events, "events")
+        self.events = GroupCommitWriter(state, settings.max_events)
         self._failures_logged: set[str] = set()
         # Impressions are written off the response path; bounded, so that a slow backend
         # cannot pile them up in memory (beyond the bound they are dropped and counted).

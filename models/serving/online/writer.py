@@ -25,30 +25,27 @@ import threading
 from collections.abc import Callable, Sequence
 
 from models.serving.events import Event, Impression
-from models.serving.online.base import JournalKind, OnlineState, WriteResult
+from models.serving.online.base import OnlineState, WriteResult
 
-Entry = Event | Impression
-_Pending = tuple[Sequence[Entry], "concurrent.futures.Future[WriteResult]"]
+_Pending = tuple[Sequence[Event], "concurrent.futures.Future[WriteResult]"]
 
 
 class GroupCommitWriter:
-    """One thread that writes the waiting batches together: events (`write_events`) or, with
-    kind="impressions", impressions (`write_impressions`) for callers that wait on the result.
-    `max_events` bounds one joined write (a single batch larger than that is written alone)."""
+    """One thread that writes the waiting event batches together (`write_events`). `max_events`
+    bounds one joined write (a single batch larger than that is written alone)."""
 
-    def __init__(self, state: OnlineState, max_events: int, kind: JournalKind = "events") -> None:
-        self.state, self.max_events, self.kind = state, max_events, kind
-        self._write_batch = state.write_events if kind == "events" else state.write_impressions
+    def __init__(self, state: OnlineState, max_events: int) -> None:
+        self.state, self.max_events = state, max_events
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._closed = False
         self._lock = threading.Lock()
         # Counters for the benchmark and the metrics: how much joining happened.
         self.commits = 0
         self.batches = 0
-        self._thread = threading.Thread(target=self._run, name=f"group-commit-{kind}-{state.backend}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"group-commit-events-{state.backend}", daemon=True)
         self._thread.start()
 
-    def write_future(self, events: Sequence[Entry]) -> concurrent.futures.Future[WriteResult]:
+    def write_future(self, events: Sequence[Event]) -> concurrent.futures.Future[WriteResult]:
         future: concurrent.futures.Future[WriteResult] = concurrent.futures.Future()
         with self._lock:
             if self._closed:
@@ -56,11 +53,11 @@ class GroupCommitWriter:
             self._queue.put((events, future))
         return future
 
-    def write(self, events: Sequence[Entry]) -> WriteResult:
+    def write(self, events: Sequence[Event]) -> WriteResult:
         """Blocking: for a thread (a BentoML `def` API)."""
         return self.write_future(events).result()
 
-    async def submit(self, events: Sequence[Entry]) -> WriteResult:
+    async def submit(self, events: Sequence[Event]) -> WriteResult:
         """For an event loop: waits without blocking it."""
         return await asyncio.wrap_future(self.write_future(events))
 
@@ -93,7 +90,7 @@ class GroupCommitWriter:
         # Any error, not only BackendUnavailable: each waiting caller re-raises it; left
         # unhandled it would end this thread and leave them waiting forever.
         try:
-            result = self._write_batch(events)  # type: ignore[arg-type]  # one kind per writer
+            result = self.state.write_events(events)
         except Exception as err:  # noqa: BLE001 - not swallowed: every caller gets it
             for _, future in group:
                 future.set_exception(err)
