@@ -17,6 +17,7 @@ import scipy.sparse as sp
 
 from models.core.interactions import InteractionLog
 from models.core.metrics import METRIC_NAMES, ranking_metrics
+from training.datasets import EXPLORE, STAY, SyntheticWorld
 
 
 def user_item_matrix(log: InteractionLog, n_items: int, users: np.ndarray | None = None) -> sp.csr_matrix:
@@ -146,6 +147,36 @@ def als_scores(
 
 
 # -- lists and metrics ---------------------------------------------------------------------
+
+
+def oracle_scores(
+    world: SyntheticWorld, item_numbers: np.ndarray, user_numbers: np.ndarray, last_items: np.ndarray,
+    horizons: np.ndarray,
+) -> np.ndarray:
+    """The synthetic generator's own chance of each item in a user's next `horizons[j]`
+    draws (a ceiling no model reaches; it reads the truth behind the data): the topic of a
+    draw s steps ahead is the current one (`last_items[j]`'s) with probability STAY**s, else
+    the user's long-run mixture (favourites, or by popularity when exploring), and an item
+    within its topic by weight. Summed over the horizon's draws, ignoring that an item drawn
+    twice counts once. Rows: `user_numbers` (generator user numbers); columns: the data
+    set's items, whose generator numbers are `item_numbers`."""
+    taste = world.taste
+    topic = world.item_topic[item_numbers]
+    weight = world.item_weight[item_numbers]
+    n_topics = len(taste.topic_pop)
+    within = weight / np.maximum(np.bincount(topic, weights=weight, minlength=n_topics)[topic], 1e-300)
+    mixture = np.zeros((len(user_numbers), n_topics))
+    rows = np.repeat(np.arange(len(user_numbers)), taste.favourites.shape[1])
+    np.add.at(mixture, (rows, taste.favourites[user_numbers].ravel()),
+              (1 - EXPLORE) * taste.fav_weights[user_numbers].ravel())  # fmt: skip
+    mixture += EXPLORE * taste.topic_pop
+    # Mean over s = 1..H of STAY**s: the share of the horizon still in the current topic.
+    h = np.maximum(horizons, 1).astype(np.float64)
+    stay = STAY * (1 - STAY**h) / ((1 - STAY) * h)
+    current = np.zeros_like(mixture)
+    current[np.arange(len(user_numbers)), topic[last_items]] = 1.0
+    topic_chance = stay[:, None] * current + (1 - stay[:, None]) * mixture
+    return topic_chance[:, topic] * within[None, :] * h[:, None]
 
 
 def rank_rows(scores: np.ndarray, seen: sp.csr_matrix, tie: np.ndarray, n: int) -> list[np.ndarray]:

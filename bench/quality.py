@@ -43,6 +43,7 @@ from bench.baselines import (
     judge,
     knn_scores,
     ndcg_curve,
+    oracle_scores,
     paired_bootstrap,
     rank_rows,
     user_item_matrix,
@@ -50,7 +51,7 @@ from bench.baselines import (
 from models.core.candidates import generate_candidates
 from models.core.params import CandidateParams
 from models.core.tables import ServingTables, build_tables
-from training.datasets import Dataset, movielens, synthetic
+from training.datasets import Dataset, SyntheticWorld, movielens, synthetic_world
 from training.pipeline import (
     BASELINE_COOC_KEY,
     BASELINE_POP_KEY,
@@ -75,6 +76,11 @@ POPULARITY, COOCCURRENCE, EASE, ALS, ITEMKNN = "popularity", "co-occurrence", "E
 RECENT_POPULARITY = "popularity, recent"  # the order the run chose on window 1 (pop_trend, recent_quantile)
 BASELINES = (POPULARITY, RECENT_POPULARITY, COOCCURRENCE, EASE, ALS, ITEMKNN)
 SINGLE_STAGE = (COOCCURRENCE, EASE, ALS, ITEMKNN)
+# Synthetic data only: the generator's own probabilities, a ceiling rather than a system (it
+# reads the truth a model has to infer). Its horizon, in draws, is a multiple of each test
+# user's label count (repeats of seen items are draws too), chosen on window 1.
+ORACLE = "oracle (the generator's truth)"
+ORACLE_HORIZONS = (1.0, 2.0, 4.0)
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,7 @@ class Fold:
     seen: sp.csr_matrix  # label users × items: each one's history at prediction time
     users: np.ndarray
     relevant: list[np.ndarray]
+    last: np.ndarray  # each label user's latest item at prediction time
     tables: ServingTables  # popularity (also every baseline's tie-break) and co-occurrence
     seconds: float  # building the tables: the fit of popularity and co-occurrence
 
@@ -134,8 +141,10 @@ def make_fold(win: Window, dataset: Dataset, params: CandidateParams) -> Fold:
     relevant = [win.label_items[win.label_indptr[j] : win.label_indptr[j + 1]] for j in range(len(win.label_users))]
     tables = build_tables(win.history, dataset.catalog, dataset.catalog.genre_names(), params,
                           user_history=win.user_history)  # fmt: skip
+    # Rows are sorted by (user, time): a user's latest item is the last of their rows.
+    last = win.user_history.item[np.searchsorted(win.user_history.user, win.label_users, side="right") - 1]
     return Fold(user_item_matrix(win.history, n_items), user_item_matrix(win.user_history, n_items, win.label_users),
-                win.label_users, relevant, tables, time.perf_counter() - start)  # fmt: skip
+                win.label_users, relevant, last, tables, time.perf_counter() - start)  # fmt: skip
 
 
 # -- systems -------------------------------------------------------------------------------
@@ -271,6 +280,24 @@ def run_itemknn(valid: Fold, test: Fold, grids: Grids, args: argparse.Namespace)
     return SystemResult(ITEMKNN, [judged(_ranked(scores, test), test, time.perf_counter() - start)], chosen, grid)
 
 
+def run_oracle(valid: Fold, test: Fold, world: SyntheticWorld, dataset: Dataset) -> SystemResult:
+    start = time.perf_counter()
+    # Generator numbers: item i<N> and user u<N> are the generator's N.
+    items = np.array([int(i[1:]) for i in dataset.catalog.item_ids])
+    users = np.array([int(u[1:]) for u in dataset.log.user_ids])
+
+    def scores(fold: Fold, multiple: float) -> np.ndarray:
+        horizons = multiple * np.array([len(r) for r in fold.relevant])
+        return oracle_scores(world, items, users[fold.users], fold.last, horizons)
+
+    grid = [{"horizon_x": m, "valid_ndcg": validation_ndcg(_ranked(scores(valid, m), valid), valid)}
+            for m in ORACLE_HORIZONS]  # fmt: skip
+    best = _best(grid)
+    ranked = _ranked(scores(test, best["horizon_x"]), test)
+    chosen = f"horizon {best['horizon_x']:g} × the user's test items{_edge(best['horizon_x'], ORACLE_HORIZONS)}"
+    return SystemResult(ORACLE, [judged(ranked, test, time.perf_counter() - start)], chosen, grid)
+
+
 RUNNERS: dict[str, Callable[[Fold, Fold, Grids, argparse.Namespace], SystemResult]] = {
     POPULARITY: run_popularity, RECENT_POPULARITY: run_recent_popularity, COOCCURRENCE: run_cooccurrence,
     EASE: run_ease, ALS: run_als, ITEMKNN: run_itemknn,
@@ -312,7 +339,7 @@ class DatasetResult:
     interval: PairedInterval
 
 
-def run_dataset(dataset: Dataset, args: argparse.Namespace, grids: Grids) -> DatasetResult:
+def run_dataset(dataset: Dataset, world: SyntheticWorld | None, args: argparse.Namespace, grids: Grids) -> DatasetResult:
     split = SplitConfig(kind=args.split)
     print(f"{dataset.name}: training the model ({len(args.seeds)} seeds)", flush=True)
     model, result = run_model(dataset, split, args.seeds, args.threads)
@@ -328,6 +355,9 @@ def run_dataset(dataset: Dataset, args: argparse.Namespace, grids: Grids) -> Dat
         systems.append(RUNNERS[name](valid, test, grids, args))
         r = systems[-1]
         print(f"  {name}: NDCG@{K} {r.first.mean('ndcg'):.4f} ({r.first.seconds:.1f} s) {r.chosen}", flush=True)
+    if world is not None:
+        systems.append(run_oracle(valid, test, world, dataset))
+        print(f"  {ORACLE}: NDCG@{K} {systems[-1].first.mean('ndcg'):.4f} {systems[-1].chosen}", flush=True)
     # The pipeline's own two baselines, computed there from the same tables: the same figures.
     for name, key in ((POPULARITY, BASELINE_POP_KEY), (COOCCURRENCE, BASELINE_COOC_KEY)):
         ours = next(s for s in systems if s.name == name).first.mean("ndcg")
@@ -407,7 +437,9 @@ def write_report(out: Path, stem: str, results: list[DatasetResult], args: argpa
          f"for every data set. EASE is restricted to the {grids.ease_max_items:,} most popular items (a compute "
          f"budget). ALS folds the test users in from their history. Time: the model's whole `train()` "
          f"(windows, ranker fit, evaluation); a baseline's tuning, refit and scoring (popularity and "
-         f"co-occurrence: building the window's tables)."),
+         f"co-occurrence: building the window's tables). The oracle (synthetic data only) is no system: it ranks "
+         f"by the generator's own chances of each item in the user's next draws, from the truth a model has to "
+         f"infer (favourite topics, the current topic, the weights), so it marks about how far any model can go."),
         (f"Grids: EASE λ ∈ {_values(grids.ease_lambda)} × mean diag(XᵀX); ALS {_values(grids.als_factors)} factors "
          f"× regularisation ∈ {_values(grids.als_reg)} × interactions per user (15 iterations, α = 1); ItemKNN "
          f"k ∈ {_values(grids.knn_k)} (capped at every item) × shrink ∈ {_values(grids.knn_shrink)} × interactions "
@@ -476,13 +508,15 @@ def _datasets(text: str) -> list[str]:
     return names
 
 
-def load_datasets(names: Iterable[str], smoke: bool, movielens_dir: Path) -> list[Dataset]:
-    out = []
+def load_datasets(names: Iterable[str], smoke: bool, movielens_dir: Path,
+                  ) -> list[tuple[Dataset, SyntheticWorld | None]]:  # fmt: skip
+    """Each data set, with the generator's truth for the synthetic one."""
+    out: list[tuple[Dataset, SyntheticWorld | None]] = []
     for name in names:
         if name == "synthetic":
-            out.append(synthetic(**SMOKE_DATA) if smoke else synthetic())
+            out.append(synthetic_world(**SMOKE_DATA) if smoke else synthetic_world())
         elif (movielens_dir / "ratings.csv").exists():
-            out.append(movielens(movielens_dir))
+            out.append((movielens(movielens_dir), None))
         else:
             print(f"movielens: skipped, no ratings.csv in {movielens_dir} (--movielens sets the folder)", flush=True)
     return out
@@ -521,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
         print("no data set to run", file=sys.stderr)
         return 2
     with threadpool_limits(limits=1, user_api="blas"):
-        results = [run_dataset(d, args, grids) for d in datasets]
+        results = [run_dataset(d, world, args, grids) for d, world in datasets]
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "quality" if args.split == "temporal" else f"quality_{args.split}"
     print(write_report(args.out, stem, results, args, machine, grids))

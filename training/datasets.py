@@ -71,6 +71,12 @@ def _finish(name: str, frame: pd.DataFrame, items: pd.DataFrame, where: str, sou
 
 # -- synthetic ---------------------------------------------------------------------------
 
+# A timeline stays in its topic with probability STAY at each step; a jump goes to one of the
+# user's FAVOURITES topics, or with probability EXPLORE to any topic by its popularity.
+STAY = 0.75
+EXPLORE = 0.3
+FAVOURITES = 3
+
 GENRES = (
     "Action", "Adventure", "Animation", "Comedy", "Crime", "Documentary", "Drama",
     "Fantasy", "Horror", "Musical", "Romance", "Sci-Fi", "Thriller", "Western",
@@ -113,11 +119,31 @@ def _synthetic_catalog(rng: np.random.Generator, n_items: int, n_topics: int) ->
     return _SyntheticCatalog(n_topics, item_topic, item_weight, years, genres)
 
 
+@dataclass(frozen=True)
+class SyntheticTaste:
+    """What the generator knows and a model has to infer, for a ceiling (bench.quality's
+    oracle) and for tests, never for training: each user's favourite topics and their
+    weights, and every topic's overall popularity (the draw of an exploring jump)."""
+
+    topic_pop: np.ndarray  # (n_topics,)
+    favourites: np.ndarray  # (n_users, FAVOURITES) topic numbers, row = generator user number
+    fav_weights: np.ndarray  # (n_users, FAVOURITES), rows sum to 1
+
+
+@dataclass(frozen=True)
+class SyntheticWorld:
+    """The generator's truth behind one `synthetic()` data set."""
+
+    item_topic: np.ndarray  # by generator item number (the N of item id i<N>)
+    item_weight: np.ndarray  # popularity within and across topics
+    taste: SyntheticTaste
+
+
 def _synthetic_users(
     rng: np.random.Generator, cat: _SyntheticCatalog, first_user: int, n_users: int, n_interactions: int,
     topic_pop: np.ndarray | None = None,
-) -> pd.DataFrame:
-    """Timelines of users first_user .. first_user + n_users - 1 (ids u<N>)."""
+) -> tuple[pd.DataFrame, SyntheticTaste]:
+    """Timelines of users first_user .. first_user + n_users - 1 (ids u<N>), and their taste."""
     n_topics, n_items = cat.n_topics, len(cat.years)
     # Interactions per user: heavy-tailed activity, at least 5 each.
     activity = rng.lognormal(0.0, 1.0, n_users)
@@ -126,17 +152,17 @@ def _synthetic_users(
     n = len(user)
     first = np.concatenate(([True], user[1:] != user[:-1]))
 
-    # Each user's 3 favourite topics with Dirichlet weights; a jump picks one of them, or,
-    # with probability 0.3, any topic by its overall popularity (exploration).
+    # Each user's favourite topics with Dirichlet weights; a jump picks one of them, or,
+    # with probability EXPLORE, any topic by its overall popularity (exploration).
     if topic_pop is None:
         topic_pop = rng.dirichlet(np.full(n_topics, 0.5))
-    favourites = rng.choice(n_topics, size=(n_users, 3), p=topic_pop)
-    fav_weights = rng.dirichlet(np.ones(3), n_users)
-    jump = first | (rng.random(n) > 0.75)
+    favourites = rng.choice(n_topics, size=(n_users, FAVOURITES), p=topic_pop)
+    fav_weights = rng.dirichlet(np.ones(FAVOURITES), n_users)
+    jump = first | (rng.random(n) > STAY)
     u = rng.random(n)
-    choice = (u[:, None] > np.cumsum(fav_weights[user], axis=1)).sum(axis=1).clip(0, 2)
+    choice = (u[:, None] > np.cumsum(fav_weights[user], axis=1)).sum(axis=1).clip(0, FAVOURITES - 1)
     jump_topic = favourites[user, choice]
-    explore = rng.random(n) < 0.3
+    explore = rng.random(n) < EXPLORE
     jump_topic[explore] = rng.choice(n_topics, size=int(explore.sum()), p=topic_pop)
     last_jump = np.maximum.accumulate(np.where(jump, np.arange(n), 0))
     topic = jump_topic[last_jump]
@@ -164,7 +190,7 @@ def _synthetic_users(
     key = (user + first_user).astype(np.int64) * n_items + item
     _, first_row = np.unique(key, return_index=True)
     keep = np.sort(first_row)
-    return pd.DataFrame(
+    frame = pd.DataFrame(
         {
             "user_id": _prefixed_ids("u", user[keep] + first_user),
             "item_id": _prefixed_ids("i", item[keep]),
@@ -172,6 +198,7 @@ def _synthetic_users(
             "rating": rating[keep],
         }
     )
+    return frame, SyntheticTaste(topic_pop, favourites, fav_weights)
 
 
 def _prefixed_ids(prefix: str, numbers: np.ndarray) -> pd.Series:
@@ -191,18 +218,26 @@ def synthetic(
     """Seeded users, items and timelines with a ranker-learnable structure.
 
     Items belong to topics (each topic has its genres) and have a power-law popularity. A user
-    has a few favourite topics; a timeline stays in its current topic with probability 0.75
+    has a few favourite topics; a timeline stays in its current topic with probability STAY
     and otherwise jumps to one of the user's topics, so consecutive items co-occur, genres
     predict taste and popularity matters. Fully vectorised: millions of rows take seconds.
     """
+    return synthetic_world(n_users, n_items, n_interactions, n_topics, seed)[0]
+
+
+def synthetic_world(
+    n_users: int = 3000, n_items: int = 2000, n_interactions: int = 150_000, n_topics: int = 40, seed: int = 7,
+) -> tuple[Dataset, SyntheticWorld]:
+    """`synthetic()`'s data set with the truth it was drawn from."""
     if min(n_users, n_items, n_interactions, n_topics) <= 0:
         raise DataError("synthetic: n_users, n_items, n_interactions and n_topics must be > 0")
     rng = np.random.default_rng(seed)
     catalog = _synthetic_catalog(rng, n_items, n_topics)
-    frame = _synthetic_users(rng, catalog, 0, n_users, n_interactions)
+    frame, taste = _synthetic_users(rng, catalog, 0, n_users, n_interactions)
     params = {"n_users": n_users, "n_items": n_items, "n_interactions": n_interactions,
               "n_topics": n_topics, "seed": seed}  # fmt: skip
-    return _finish("synthetic", frame, catalog.items_frame(), "synthetic", params)
+    dataset = _finish("synthetic", frame, catalog.items_frame(), "synthetic", params)
+    return dataset, SyntheticWorld(catalog.item_topic, catalog.item_weight, taste)
 
 
 def synthetic_partitions(
@@ -223,7 +258,7 @@ def synthetic_partitions(
             block = int(bounds[p + 1] - bounds[p])
             part_rng = np.random.default_rng([seed, p])
             yield _synthetic_users(part_rng, catalog, int(bounds[p]), block,
-                                   round(n_interactions * block / n_users), topic_pop)  # fmt: skip
+                                   round(n_interactions * block / n_users), topic_pop)[0]  # fmt: skip
 
     return catalog.items_frame(), parts()
 

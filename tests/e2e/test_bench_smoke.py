@@ -31,7 +31,7 @@ def test_perf_benchmark_smoke(tmp_path: Path) -> None:
 
 
 def test_quality_benchmark_smoke(tmp_path: Path) -> None:
-    from bench.quality import BASELINES, MODEL
+    from bench.quality import BASELINES, MODEL, ORACLE
 
     out = subprocess.run(
         [sys.executable, "-m", "bench.quality", "--smoke", "--out", str(tmp_path)],
@@ -41,11 +41,13 @@ def test_quality_benchmark_smoke(tmp_path: Path) -> None:
     text = (tmp_path / "quality.md").read_text()
     rows = {cells[0]: cells[1:] for line in text.splitlines() if line.startswith("| ")
             for cells in [[c.strip() for c in line.strip("|").split("|")]]}  # fmt: skip
-    assert set(rows) == {"system", MODEL, *BASELINES}
+    assert set(rows) == {"system", MODEL, *BASELINES, ORACLE}
     # NDCG, Recall, HitRate, MAP at 10 and candidate recall: one seed, so plain numbers.
-    for system in (MODEL, *BASELINES):
+    for system in (MODEL, *BASELINES, ORACLE):
         values = [float(v) for v in rows[system][:5]]
         assert all(0 <= v <= 1 for v in values), (system, values)
+    # The generator's truth ranks better than what only counts items.
+    assert float(rows[ORACLE][0]) > float(rows["popularity"][0])
     interval = re.search(r"ratio ([\d.]+) \[([\d.]+), ([\d.]+)\], difference ([+-][\d.]+) \[([+-][\d.]+), ([+-][\d.]+)\]", text)
     assert interval, text
     ratio, r_lo, r_hi, diff, d_lo, d_hi = map(float, interval.groups())

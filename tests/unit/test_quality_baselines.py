@@ -15,10 +15,12 @@ from bench.baselines import (
     judge,
     knn_scores,
     ndcg_curve,
+    oracle_scores,
     paired_bootstrap,
     rank_rows,
 )
 from models.core.metrics import ranking_metrics
+from training.datasets import STAY, SyntheticTaste, SyntheticWorld, synthetic, synthetic_world
 
 # 7 users × 6 items, made by hand so that items differ in popularity and overlap.
 X = sp.csr_matrix(np.array([
@@ -162,3 +164,31 @@ def test_the_paired_bootstrap_is_seeded_and_pairs_users() -> None:
     assert i.diff_hi - i.diff_lo < 1e-9 and i.diff == pytest.approx(0.01)
     with pytest.raises(ValueError, match=r"two 1-d arrays of one non-zero length, got \(200,\) and \(3,\)"):
         paired_bootstrap(a, b[:3], 10, seed=0)
+
+
+# Two topics: items 0 and 1 in topic 0 (weights 3 and 1), 2 and 3 in topic 1. One user whose
+# favourites are half topic 0, half topic 1, so the long-run mixture is (0.5, 0.5).
+WORLD = SyntheticWorld(
+    item_topic=np.array([0, 0, 1, 1]), item_weight=np.array([3.0, 1.0, 1.0, 1.0]),
+    taste=SyntheticTaste(topic_pop=np.array([0.5, 0.5]), favourites=np.array([[0, 0, 1]]),
+                         fav_weights=np.array([[0.25, 0.25, 0.5]])),
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("horizon", [1, 2, 7])
+def test_the_oracle_is_the_chance_of_each_item_over_the_horizons_draws(horizon: int) -> None:
+    # The last item (1) is in topic 0: s draws ahead, topic 0 has STAY**s + (1 - STAY**s)/2.
+    got = oracle_scores(WORLD, np.arange(4), np.array([0]), np.array([1]), np.array([horizon]))[0]
+    topic0 = sum(STAY**s + (1 - STAY**s) * 0.5 for s in range(1, horizon + 1))
+    want = np.array([0.75 * topic0, 0.25 * topic0, 0.5 * (horizon - topic0), 0.5 * (horizon - topic0)])
+    np.testing.assert_allclose(got, want)
+    assert got.sum() == pytest.approx(horizon)  # one item per draw
+
+
+def test_synthetic_world_is_synthetics_data_with_the_truth_behind_it() -> None:
+    dataset, world = synthetic_world(300, 100, 6000, n_topics=8, seed=2)
+    assert dataset.content_hash == synthetic(300, 100, 6000, n_topics=8, seed=2).content_hash
+    # Every interaction's item is in a topic the data can be scored on, and tastes are weights.
+    assert world.item_topic.shape == world.item_weight.shape == (100,)
+    assert world.taste.favourites.shape == world.taste.fav_weights.shape == (300, 3)
+    np.testing.assert_allclose(world.taste.fav_weights.sum(axis=1), 1.0)

@@ -241,8 +241,12 @@ def test_choice_on_validation_is_the_best_measured(synthetic_dataset: Dataset) -
             assert rows[i - 1]["ease_recall"] > max([x["ease_recall"] for x in rows[: i - 1]], default=-1)
         if r["ease_l2"] < lo:
             assert rows[i + 1]["ease_recall"] > max([x["ease_recall"] for x in rows[i + 2 :]], default=-1)
+    best_recency = max(curve["recency"], key=lambda r: r["recall"])
+    assert (chosen.params.recent_items, chosen.params.recency_decay) == (
+        best_recency["recent_items"], best_recency["recency_decay"])  # fmt: skip
+    assert len(curve["recency"]) == len(search.recent_items) * len(search.recency_decays)
     # Everything else is kept.
-    assert chosen.params.cooc_neighbors == params.cooc_neighbors and chosen.params.recent_items == params.recent_items
+    assert chosen.params.cooc_neighbors == params.cooc_neighbors and chosen.params.cooc_window == params.cooc_window
 
 
 @pytest.mark.parametrize(("trend", "expected_first"), [(0.0, 0), (1.0, 1)])
