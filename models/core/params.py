@@ -14,7 +14,7 @@ from typing import Any
 class CandidateParams:
     """How candidates are generated and how the co-occurrence and EASE indexes are built."""
 
-    recent_items: int = 20  # the user's last items that seed co-occurrence and EASE
+    recent_items: int = 20  # the user's last items that seed co-occurrence and EASE (chosen in training)
     recency_decay: float = 0.85  # weight of the n-th most recent item: decay**n
     cooc_window: int = 10  # pairs are counted within this many steps of a timeline
     cooc_neighbors: int = 100  # neighbours kept per item in the index
