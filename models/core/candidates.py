@@ -152,9 +152,9 @@ def cooc_scores(tables: ServingTables, recent: np.ndarray, params: CandidatePara
 
 def ease_scores(tables: ServingTables, recent: np.ndarray) -> NeighbourScores:
     """EASE scores of the items reachable from `recent`: the plain sum of their rows of the
-    sparse B (EASE's x·B, with the history cut to the recent items: on MovieLens-small the
-    last 20 items gave as much candidate recall as the whole history, with the sparse B
-    more, at a fraction of the serving cost)."""
+    sparse B (EASE's x·B, with the history cut to the recent items, a window training
+    chooses by validation recall: on MovieLens-small the last 20 items gave as much candidate
+    recall as the whole history, with the sparse B more, at a fraction of the serving cost)."""
     neighbours, weights, _ = gather_neighbours(tables.ease_indptr, tables.ease_items, tables.ease_weights, recent)
     if len(neighbours) == 0:
         return NeighbourScores.empty()
