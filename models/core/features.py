@@ -21,11 +21,12 @@ RANK_NONE = 1000.0
 
 
 _LOG_POP = ITEM_FEATURES.index("item_log_pop")
+Profile = tuple[np.ndarray, np.ndarray]  # a user's feature row and genre profile
 _YEAR = ITEM_FEATURES.index("item_year")
 
 
 def user_profile(tables: ServingTables, user: int | None, online: np.ndarray | None = None,
-                 ) -> tuple[np.ndarray, np.ndarray] | None:  # fmt: skip
+                 ) -> Profile | None:  # fmt: skip
     """The user's feature row and genre profile: the trained ones when there are no online
     items, else computed from the merged history (trained items, then `online`) as training
     computes them (tables.user_profiles). None for a user with no history at all."""
@@ -38,14 +39,16 @@ def user_profile(tables: ServingTables, user: int | None, online: np.ndarray | N
 
 def build_features(
     tables: ServingTables, user: int | None, items: np.ndarray, scores: UserScores,
-    online: np.ndarray | None = None,
+    online: np.ndarray | None = None, profile: Profile | None = None,
 ) -> np.ndarray:
     """Features of `items` for `user` (None: a user with no trained history) in schema
     order; `scores` are the user's neighbour scores from candidate generation, `online` the
-    user's items since training (catalog indices), merged into the user features."""
+    user's items since training (catalog indices), merged into the user features. `profile`:
+    `user_profile(tables, user, online)` when the caller has it already."""
     n = len(items)
     out = np.empty((n, N_FEATURES), dtype=FEATURE_DTYPE)
-    profile = user_profile(tables, user, online)
+    if profile is None:
+        profile = user_profile(tables, user, online)
     user_row = profile[0] if profile is not None else _UNKNOWN_USER
     out[:, _USER_COLS] = user_row
     item_rows = tables.item_feats[items]

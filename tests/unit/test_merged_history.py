@@ -105,3 +105,29 @@ def test_one_user_profile_is_user_profiles_of_one_user(case: str) -> None:
     assert feats.dtype == want_feats.dtype and profile.dtype == want_profile.dtype
     np.testing.assert_allclose(feats, want_feats[0], rtol=1e-6)
     np.testing.assert_allclose(profile, want_profile[0], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("user", [0, None], ids=["trained user", "new user"])
+def test_the_recommenders_remembered_profile_is_the_computed_one_for_the_same_online_items(
+    tables: ServingTables, params: CandidateParams, user: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from models.core import recommender as module
+
+    monkeypatch.setattr(module, "PROFILE_CACHE_SIZE", 2)
+    rec = module.Recommender(tables, params)
+    online = [_online(tables, user, n) for n in (1, 2, 3)]
+    for _ in range(2):  # computed, then remembered; 3 keys in a cache of 2: it starts again
+        for items in online:
+            got, want = rec.merged_profile(user, items), user_profile(tables, user, items)
+            assert got is not None and want is not None
+            np.testing.assert_array_equal(got[0], want[0])
+            np.testing.assert_array_equal(got[1], want[1])
+            assert len(rec._profiles) <= 2
+    # Other online items, another profile: the key is the items, not only the user.
+    first, second = rec.merged_profile(user, online[0]), rec.merged_profile(user, online[2])
+    assert first is not None and second is not None and not np.array_equal(first[1], second[1])
+    # The features /recommend builds with it are those built without it.
+    prepared = rec.prepare_recommend(user, True, online[1])
+    candidates = candidates_by_source(tables, user, params, True, online[1])
+    np.testing.assert_array_equal(prepared.features, build_features(tables, user, candidates.items,
+                                                                    candidates.scores, online[1]))  # fmt: skip
