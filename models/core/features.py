@@ -21,8 +21,8 @@ RANK_NONE = 1000.0
 
 
 _LOG_POP = ITEM_FEATURES.index("item_log_pop")
-Profile = tuple[np.ndarray, np.ndarray]  # a user's feature row and genre profile
 _YEAR = ITEM_FEATURES.index("item_year")
+Profile = tuple[np.ndarray, np.ndarray]  # a user's feature row and genre profile
 
 
 def user_profile(tables: ServingTables, user: int | None, online: np.ndarray | None = None,
