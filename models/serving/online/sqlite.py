@@ -20,8 +20,9 @@ one, a `kill -9` loses none (the WAL is written before COMMIT returns), and the 
 commit (an event batch, an export's mark) fsyncs them with it. Measured at 64 clients, the
 state cost the API workers about 0.7 ms of CPU per /recommend when impressions were fsync'd
 every 10 ms and each read took a thread hop (3.0 against 2.3 ms off); with impressions off
-and the read on the loop, nothing measurable; as built (these, the read below and impressions
-buffered, writer.py), ~0.25 ms.
+and the read on the loop, nothing measurable; with these, the read below and impressions
+buffered (writer.py), ~0.25 ms; with merged profiles remembered too (core.recommender),
+within the spread of the off-servers (1.75-1.81 against 1.64-1.92 ms).
 Reads of a user's recent items never wait on a writer (WAL), so /recommend does them on its
 event loop (`recent_never_waits`), with a short busy timeout for the rare moments SQLite makes
 a reader wait (a crashed writer's recovery).
