@@ -176,14 +176,18 @@ def choose_retrieval(
     chosen_l2, _, chosen_tables, ease = best
     lambda_rows.sort(key=lambda row: row["ease_l2"])
 
+    given_users, given_ease = users, ease  # under the given recency, for "today's two sources"
     even = (budget // 3, budget // 3, budget - 2 * (budget // 3))
     recency_rows: list[dict[str, float]] = []
     best_recency: tuple[float, CandidateParams, list[_User], list[NeighbourScores]] | None = None
     for n_recent in search.recent_items:
         for decay in search.recency_decays:
             trial = replace(params, recent_items=n_recent, recency_decay=decay)
-            trial_users = _users(chosen_tables, label_users, trial)
-            trial_ease = [ease_scores(chosen_tables, u.recent) for u in trial_users]
+            if trial == params:  # the λ search measured these users already
+                trial_users, trial_ease = given_users, given_ease
+            else:
+                trial_users = _users(chosen_tables, label_users, trial)
+                trial_ease = [ease_scores(chosen_tables, u.recent) for u in trial_users]
             recall = _mix_recall(chosen_tables, trial_users, trial_ease, even)
             recency_rows.append({"recent_items": n_recent, "recency_decay": decay, "recall": recall})
             if best_recency is None or recall > best_recency[0]:
@@ -203,9 +207,10 @@ def choose_retrieval(
     assert best_mix is not None  # budget_steps >= 3 gives at least one mix
     (n_cooc, n_ease, n_pop), mix_recall = best_mix
     chosen = replace(params, ease_l2=chosen_l2, n_cooc=n_cooc, n_ease=n_ease, n_pop=n_pop)
-    # Today's two sources: co-occurrence and popularity sharing the budget 3:1 (150/50).
+    # Today's two sources: co-occurrence and popularity sharing the budget 3:1 (150/50), from
+    # the given recency.
     without_ease = (budget * 3 // 4, 0, budget - budget * 3 // 4)
-    baseline = _mix_recall(chosen_tables, users, ease, without_ease)
+    baseline = _mix_recall(chosen_tables, given_users, given_ease, without_ease)
     seconds = time.perf_counter() - start
     log.info("retrieval: EASE λ = %g × mean diag, mix %d/%d/%d (cooc/ease/pop): candidate recall %.4f "
              "(%d/%d without EASE: %.4f) on %d users of window %d, %.1f s", chosen_l2, n_cooc, n_ease,

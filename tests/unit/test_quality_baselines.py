@@ -188,7 +188,7 @@ def test_the_oracle_is_the_chance_of_each_item_over_the_horizons_draws(horizon: 
 def test_synthetic_world_is_synthetics_data_with_the_truth_behind_it() -> None:
     dataset, world = synthetic_world(300, 100, 6000, n_topics=8, seed=2)
     assert dataset.content_hash == synthetic(300, 100, 6000, n_topics=8, seed=2).content_hash
-    # Every interaction's item is in a topic the data can be scored on, and tastes are weights.
+    # One topic and weight per item, three favourite topics per user with weights summing to 1.
     assert world.item_topic.shape == world.item_weight.shape == (100,)
     assert world.taste.favourites.shape == world.taste.fav_weights.shape == (300, 3)
     np.testing.assert_allclose(world.taste.fav_weights.sum(axis=1), 1.0)
