@@ -1,5 +1,5 @@
 """Choosing retrieval on validation, inside each training run: the popularity order, EASE's
-λ, how much of a user's history seeds the neighbour sources, then how the candidate budget
+λ, how much of a user's history seeds each neighbour source, then how the candidate budget
 is shared between co-occurrence, EASE and popularity.
 
 Both are chosen by candidate recall (the share of a user's label items among their
@@ -22,6 +22,7 @@ from models.core.candidates import (
     NeighbourScores,
     UserScores,
     cooc_scores,
+    ease_history,
     ease_scores,
     recent_items,
     take_by_source,
@@ -59,25 +60,28 @@ class RetrievalSearch:
     # starts (a time quantile of the history), chosen first by the recall of that list alone.
     pop_trends: tuple[float, ...] = (0.0, 0.5, 1.0)
     recent_quantiles: tuple[float, ...] = (0.8, 0.9, 0.95)
-    # How much of a user's history seeds the neighbour sources (recent_items) and how fast
-    # older items weigh less in co-occurrence (recency_decay): chosen after λ, by the recall
-    # of the three sources sharing the budget evenly. A short window suits data whose next
-    # items follow the last ones, a long one data where taste lasts (synthetic, 5 seeds:
-    # NDCG@10 0.2456 at 20, 0.2532 at 50). 50 bounds the serving cost: the gathered neighbour
-    # entries per request grow with it. The decay is not searched by default: it shapes the
-    # co-occurrence features as much as the candidates, which recall does not see (chosen by
-    # recall, a decay of 1 left MovieLens-small's candidate recall as it was and cost the
-    # ranker 0.014 NDCG@10 over 5 seeds).
+    # How much of a user's history seeds co-occurrence (recent_items), how fast older items
+    # weigh less there (recency_decay) and how much of it EASE sums over (ease_history):
+    # chosen after λ, together, by the recall of the three sources sharing the budget
+    # evenly. A short window suits data whose next items follow the last ones, a long one
+    # data where taste lasts (synthetic, 5 seeds: NDCG@10 0.2456 at 20, 0.2532 at 50 for
+    # both sources). The longest windows bound the serving cost: the gathered neighbour
+    # entries per request grow with them. The decay is not searched by default: it shapes
+    # the co-occurrence features as much as the candidates, which recall does not see
+    # (chosen by recall, a decay of 1 left MovieLens-small's candidate recall as it was and
+    # cost the ranker 0.014 NDCG@10 over 5 seeds).
     recent_items: tuple[int, ...] = (20, 50)
     recency_decays: tuple[float, ...] = (0.85,)
+    ease_histories: tuple[int, ...] = (20, 50, 500)
 
     def __post_init__(self) -> None:
         if not self.l2_grid or min(self.l2_grid) <= 0:
             raise ValueError(f"RetrievalSearch.l2_grid must be non-empty and > 0, got {self.l2_grid}")
-        if not self.recent_items or min(self.recent_items) < 1 or not self.recency_decays or not all(
-                0 < d <= 1 for d in self.recency_decays):  # fmt: skip
-            raise ValueError(f"RetrievalSearch.recent_items must be non-empty and >= 1, recency_decays non-empty "
-                             f"and in (0, 1], got {self.recent_items} and {self.recency_decays}")  # fmt: skip
+        if not self.recent_items or not self.ease_histories or min(self.recent_items + self.ease_histories) < 1 \
+                or not self.recency_decays or not all(0 < d <= 1 for d in self.recency_decays):  # fmt: skip
+            raise ValueError(f"RetrievalSearch.recent_items and ease_histories must be non-empty and >= 1, "
+                             f"recency_decays non-empty and in (0, 1], got {self.recent_items}, "
+                             f"{self.ease_histories} and {self.recency_decays}")  # fmt: skip
         if self.budget_steps < 3 or self.max_users < 1:
             raise ValueError(
                 f"RetrievalSearch.budget_steps must be >= 3 (one step per source) and max_users >= 1, "
@@ -93,12 +97,11 @@ class RetrievalSelection:
 
 @dataclass(frozen=True)
 class _User:
-    """What the recall of one label user needs, computed once."""
+    """One label user of the recall: who, what they have, what they did next."""
 
-    recent: np.ndarray
+    user: int
     seen: np.ndarray
     labels: np.ndarray
-    cooc: NeighbourScores
 
 
 def mix_grid(budget: int, steps: int) -> list[tuple[int, int, int]]:
@@ -135,8 +138,9 @@ def choose_retrieval(
     # Tables without EASE (a one-item model costs nothing): its index is swapped in per λ.
     tables = build_tables(win.history, catalog, genre_names, replace(params, ease_max_items=1),
                           user_history=win.user_history)  # fmt: skip
-    label_users = [(int(win.label_users[j]), label_items(win, j)) for j in rows.tolist()]
-    users = _users(tables, label_users, params)
+    users = [_User(int(win.label_users[j]), tables.history(int(win.label_users[j])), label_items(win, j))
+             for j in rows.tolist()]  # fmt: skip
+    cooc = _cooc(tables, users, params)
 
     items = ease_items(win.history, catalog.n_items, params.ease_max_items)
     x = binary_rows(win.history, items)
@@ -152,8 +156,8 @@ def choose_retrieval(
             indptr, neighbours, weights = top_neighbours(b, items, catalog.n_items, params.ease_neighbors)
             del b  # one n × n matrix alive at a time
             candidate_tables = replace(tables, ease_indptr=indptr, ease_items=neighbours, ease_weights=weights)
-            ease = [ease_scores(candidate_tables, u.recent) for u in users]
-            recall = _mix_recall(candidate_tables, users, ease, (0, budget, 0))
+            ease = _ease(candidate_tables, users, params)
+            recall = _mix_recall(candidate_tables, users, cooc, ease, (0, budget, 0))
             lambda_rows.append({"ease_l2": m, "lambda": lam, "ease_recall": recall})
             log.info("EASE λ = %g × %.2f: candidate recall of its top %d %.4f", m, mean_diag, budget, recall)
             if best is None or recall > best[1]:
@@ -173,34 +177,44 @@ def choose_retrieval(
         else:
             break
     assert best is not None
-    chosen_l2, _, chosen_tables, ease = best
+    chosen_l2, _, chosen_tables, given_ease = best
     lambda_rows.sort(key=lambda row: row["ease_l2"])
 
-    given_users, given_ease = users, ease  # under the given recency, for "today's two sources"
+    given_cooc = cooc  # under the given recency, for "today's two sources"
+    # Each source's scores once per window of its own (the given ones are measured already),
+    # then the recall of every combination.
+    coocs = {(params.recent_items, params.recency_decay): cooc}
+    eases = {params.ease_history: given_ease}
+    for n in search.recent_items:
+        for d in search.recency_decays:
+            if (n, d) not in coocs:
+                coocs[n, d] = _cooc(chosen_tables, users, replace(params, recent_items=n, recency_decay=d))
+    for n in search.ease_histories:
+        if n not in eases:
+            eases[n] = _ease(chosen_tables, users, replace(params, ease_history=n))
+    combos = [(key, n) for key in coocs for n in eases
+              if key[0] in search.recent_items and key[1] in search.recency_decays and n in search.ease_histories]
     even = (budget // 3, budget // 3, budget - 2 * (budget // 3))
     recency_rows: list[dict[str, float]] = []
-    best_recency: tuple[float, CandidateParams, list[_User], list[NeighbourScores]] | None = None
-    for n_recent in search.recent_items:
-        for decay in search.recency_decays:
-            trial = replace(params, recent_items=n_recent, recency_decay=decay)
-            if trial == params:  # the λ search measured these users already
-                trial_users, trial_ease = given_users, given_ease
-            else:
-                trial_users = _users(chosen_tables, label_users, trial)
-                trial_ease = [ease_scores(chosen_tables, u.recent) for u in trial_users]
-            recall = _mix_recall(chosen_tables, trial_users, trial_ease, even)
-            recency_rows.append({"recent_items": n_recent, "recency_decay": decay, "recall": recall})
-            if best_recency is None or recall > best_recency[0]:
-                best_recency = (recall, trial, trial_users, trial_ease)
+    best_recency: tuple[float, CandidateParams] | None = None
+    for (n_recent, decay), n_ease_history in combos:
+        recall = _mix_recall(chosen_tables, users, coocs[n_recent, decay], eases[n_ease_history], even)
+        recency_rows.append({"recent_items": n_recent, "recency_decay": decay,
+                             "ease_history": n_ease_history, "recall": recall})  # fmt: skip
+        if best_recency is None or recall > best_recency[0]:
+            trial = replace(params, recent_items=n_recent, recency_decay=decay, ease_history=n_ease_history)
+            best_recency = (recall, trial)
     assert best_recency is not None  # the grids are not empty
-    _, params, users, ease = best_recency
-    log.info("recency: the last %d items, decay %g: candidate recall %.4f (budget shared evenly)",
-             params.recent_items, params.recency_decay, best_recency[0])  # fmt: skip
+    params = best_recency[1]
+    cooc, ease = coocs[params.recent_items, params.recency_decay], eases[params.ease_history]
+    log.info("recency: co-occurrence from the last %d items, decay %g, EASE from the last %d: candidate recall "
+             "%.4f (budget shared evenly)", params.recent_items, params.recency_decay, params.ease_history,
+             best_recency[0])  # fmt: skip
 
     mix_rows: list[dict[str, float]] = []
     best_mix: tuple[tuple[int, int, int], float] | None = None
     for mix in mix_grid(budget, search.budget_steps):
-        recall = _mix_recall(chosen_tables, users, ease, mix)
+        recall = _mix_recall(chosen_tables, users, cooc, ease, mix)
         mix_rows.append({"n_cooc": mix[0], "n_ease": mix[1], "n_pop": mix[2], "recall": recall})
         if best_mix is None or recall > best_mix[1]:
             best_mix = (mix, recall)
@@ -210,7 +224,7 @@ def choose_retrieval(
     # Today's two sources: co-occurrence and popularity sharing the budget 3:1 (150/50), from
     # the given recency.
     without_ease = (budget * 3 // 4, 0, budget - budget * 3 // 4)
-    baseline = _mix_recall(chosen_tables, given_users, given_ease, without_ease)
+    baseline = _mix_recall(chosen_tables, users, given_cooc, ease, without_ease)
     seconds = time.perf_counter() - start
     log.info("retrieval: EASE λ = %g × mean diag, mix %d/%d/%d (cooc/ease/pop): candidate recall %.4f "
              "(%d/%d without EASE: %.4f) on %d users of window %d, %.1f s", chosen_l2, n_cooc, n_ease,
@@ -227,6 +241,7 @@ def choose_retrieval(
         "mix": mix_rows,
         "chosen": {"pop_trend": params.pop_trend, "recent_quantile": params.recent_quantile, "ease_l2": chosen_l2,
                    "recent_items": params.recent_items, "recency_decay": params.recency_decay,
+                   "ease_history": params.ease_history,
                    "n_cooc": n_cooc, "n_ease": n_ease, "n_pop": n_pop, "recall": mix_recall},
         "recall_without_ease": {"n_cooc": without_ease[0], "n_pop": without_ease[2], "recall": baseline},
         "seconds": round(seconds, 3),
@@ -234,13 +249,14 @@ def choose_retrieval(
     return RetrievalSelection(chosen, curve)
 
 
-def _users(tables: ServingTables, label_users: list[tuple[int, np.ndarray]], params: CandidateParams) -> list[_User]:
-    """What the recall of each (user, label items) needs under `params`' recency."""
-    out = []
-    for user, labels in label_users:
-        recent = recent_items(tables, user, params)
-        out.append(_User(recent, tables.history(user), labels, cooc_scores(tables, recent, params)))
-    return out
+def _cooc(tables: ServingTables, users: list[_User], params: CandidateParams) -> list[NeighbourScores]:
+    """Each user's co-occurrence scores under `params`' recency."""
+    return [cooc_scores(tables, recent_items(tables, u.user, params), params) for u in users]
+
+
+def _ease(tables: ServingTables, users: list[_User], params: CandidateParams) -> list[NeighbourScores]:
+    """Each user's EASE scores over their last `params.ease_history` items."""
+    return [ease_scores(tables, ease_history(tables, u.user, params)) for u in users]
 
 
 def _choose_popularity(
@@ -278,16 +294,17 @@ def _choose_popularity(
 
 
 def _mix_recall(
-    tables: ServingTables, users: list[_User], ease: list[NeighbourScores], mix: tuple[int, int, int]
+    tables: ServingTables, users: list[_User], cooc: list[NeighbourScores], ease: list[NeighbourScores],
+    mix: tuple[int, int, int],
 ) -> float:
     """Mean recall of the candidates `candidates_by_source` gives for the mix (n_cooc,
     n_ease, n_pop), from each user's neighbour scores computed once."""
     taken = np.zeros(tables.n_items, dtype=bool)
     is_candidate = np.zeros(tables.n_items, dtype=bool)  # masks, not membership tests: ~5x faster
     recalls = np.empty(len(users))
-    for j, (u, e) in enumerate(zip(users, ease)):
+    for j, (u, c, e) in enumerate(zip(users, cooc, ease)):
         taken[u.seen] = True
-        candidates = np.concatenate(take_by_source(tables, UserScores(u.cooc, e), mix, taken))
+        candidates = np.concatenate(take_by_source(tables, UserScores(c, e), mix, taken))
         is_candidate[candidates] = True
         recalls[j] = is_candidate[u.labels].mean()
         taken[u.seen] = taken[candidates] = is_candidate[candidates] = False

@@ -70,15 +70,27 @@ class UserScores:
 def recent_items(
     tables: ServingTables, user: int | None, params: CandidateParams, online: np.ndarray | None = None
 ) -> np.ndarray:
-    """The user's last `recent_items` items, most recent first (empty for unknown users
-    without online items). `online` (catalog indices, newest first) are what the user did
-    since training: they come first, then the trained history, each item once."""
-    trained = _EMPTY_I if user is None else tables.history(user)[-params.recent_items :][::-1]
+    """The user's last `recent_items` items, most recent first (see last_items)."""
+    return last_items(tables, user, params.recent_items, online)
+
+
+def ease_history(
+    tables: ServingTables, user: int | None, params: CandidateParams, online: np.ndarray | None = None
+) -> np.ndarray:
+    """The user's last `ease_history` items, most recent first (see last_items)."""
+    return last_items(tables, user, params.ease_history, online)
+
+
+def last_items(tables: ServingTables, user: int | None, n: int, online: np.ndarray | None = None) -> np.ndarray:
+    """The user's last `n` items, most recent first (empty for unknown users without online
+    items). `online` (catalog indices, newest first) are what the user did since training:
+    they come first, then the trained history, each item once."""
+    trained = _EMPTY_I if user is None else tables.history(user)[-n:][::-1]
     if online is None or len(online) == 0:
         return trained
-    merged = np.concatenate((online[: params.recent_items], trained)).astype(np.int32)
+    merged = np.concatenate((online[:n], trained)).astype(np.int32)
     _, first = np.unique(merged, return_index=True)
-    return merged[np.sort(first)][: params.recent_items]
+    return merged[np.sort(first)][:n]
 
 
 def seen_items(tables: ServingTables, user: int | None, online: np.ndarray | None = None) -> np.ndarray:
@@ -150,12 +162,11 @@ def cooc_scores(tables: ServingTables, recent: np.ndarray, params: CandidatePara
     return NeighbourScores(items.astype(np.int32), score, rank, order, best, last)
 
 
-def ease_scores(tables: ServingTables, recent: np.ndarray) -> NeighbourScores:
-    """EASE scores of the items reachable from `recent`: the plain sum of their rows of the
-    sparse B (EASE's x·B, with the history cut to the recent items, a window training
-    chooses by validation recall: on MovieLens-small the last 20 items gave as much candidate
-    recall as the whole history, with the sparse B more, at a fraction of the serving cost)."""
-    neighbours, weights, _ = gather_neighbours(tables.ease_indptr, tables.ease_items, tables.ease_weights, recent)
+def ease_scores(tables: ServingTables, history: np.ndarray) -> NeighbourScores:
+    """EASE scores of the items reachable from `history`: the plain sum of their rows of the
+    sparse B (EASE's x·B, with the history cut to its last `ease_history` items, a window
+    training chooses by validation recall)."""
+    neighbours, weights, _ = gather_neighbours(tables.ease_indptr, tables.ease_items, tables.ease_weights, history)
     if len(neighbours) == 0:
         return NeighbourScores.empty()
     items, inverse = _group(neighbours, tables.n_items)
@@ -167,9 +178,10 @@ def ease_scores(tables: ServingTables, recent: np.ndarray) -> NeighbourScores:
 def user_scores(
     tables: ServingTables, user: int | None, params: CandidateParams, online: np.ndarray | None = None
 ) -> UserScores:
-    """Both neighbour sources for one user (empty for an unknown user without online items)."""
+    """Both neighbour sources for one user (empty for an unknown user without online items):
+    co-occurrence from the last `recent_items` items, EASE from the last `ease_history`."""
     recent = recent_items(tables, user, params, online)
-    return UserScores(cooc_scores(tables, recent, params), ease_scores(tables, recent))
+    return UserScores(cooc_scores(tables, recent, params), ease_scores(tables, ease_history(tables, user, params, online)))
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,12 @@ from typing import Any
 class CandidateParams:
     """How candidates are generated and how the co-occurrence and EASE indexes are built."""
 
-    recent_items: int = 20  # the user's last items that seed co-occurrence and EASE (chosen in training)
+    recent_items: int = 20  # the user's last items that seed co-occurrence (chosen in training)
     recency_decay: float = 0.85  # weight of the n-th most recent item: decay**n
+    # The user's last items EASE sums over (its candidates and features; chosen in
+    # training). It can be longer than recent_items: EASE models taste, which lasts, where
+    # co-occurrence follows the last items.
+    ease_history: int = 20
     cooc_window: int = 10  # pairs are counted within this many steps of a timeline
     cooc_neighbors: int = 100  # neighbours kept per item in the index
     # The candidate budget by source. Training chooses the mix on validation
@@ -56,6 +60,9 @@ class CandidateParams:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CandidateParams:
+        if "ease_history" not in data and "recent_items" in data:
+            # Versions from before ease_history summed EASE over the recent items.
+            data = {**data, "ease_history": data["recent_items"]}
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:

@@ -41,7 +41,7 @@ FEATURES: tuple[Feature, ...] = (
     Feature("cooc_max", "user_item", "largest co-occurrence with any of the user's last items"),
     Feature("cooc_last", "user_item", "co-occurrence with the user's most recent item"),
     Feature("cooc_rank", "user_item", "rank of the item by cooc_score for this user (cap: none)"),
-    Feature("ease_score", "user_item", "EASE score: sum of the item's weights from the user's last items"),
+    Feature("ease_score", "user_item", "EASE score: sum of the item's weights from the user's last ease_history items"),
     Feature("ease_rank", "user_item", "rank of the item by ease_score for this user, capped at 1000 (also when unscored)"),
     Feature("pop_rank", "user_item", "log1p rank of the item by popularity"),
     Feature("genre_affinity", "user_item", "cosine of the user's genre profile and the item's"),

@@ -14,6 +14,8 @@ from models.core.candidates import (
     POPULARITY,
     candidates_by_source,
     cooc_scores,
+    ease_history,
+    ease_scores,
     generate_candidates,
     recent_items,
     user_scores,
@@ -136,12 +138,26 @@ def test_neighbour_index_rows_are_sorted_and_positive(tables: ServingTables, par
         assert i not in neighbours
 
 
-def test_recent_items_are_latest_first(tables: ServingTables, params: CandidateParams) -> None:
-    user = 0
-    recent = recent_items(tables, user, params)
-    history = tables.history(user)
-    assert recent.tolist() == history[::-1][: params.recent_items].tolist()
-    assert len(recent_items(tables, None, params)) == 0
+@pytest.mark.parametrize(("n_recent", "n_ease"), [(3, 3), (2, 7), (7, 2)])
+def test_each_source_sums_over_its_own_window_latest_first(tables: ServingTables, n_recent: int, n_ease: int) -> None:
+    """Co-occurrence is seeded by the last recent_items items, EASE sums over the last
+    ease_history items: two windows of one history, chosen apart in training."""
+    params = CandidateParams(recent_items=n_recent, ease_history=n_ease)
+    user = int(np.argmax(np.diff(tables.hist_indptr)))  # the longest history
+    newest_first = tables.history(user)[::-1]
+    assert len(newest_first) > max(n_recent, n_ease)
+    assert recent_items(tables, user, params).tolist() == newest_first[:n_recent].tolist()
+    assert ease_history(tables, user, params).tolist() == newest_first[:n_ease].tolist()
+    scores = user_scores(tables, user, params)
+    assert np.array_equal(scores.cooc.score, cooc_scores(tables, newest_first[:n_recent], params).score)
+    assert np.array_equal(scores.ease.score, ease_scores(tables, newest_first[:n_ease]).score)
+    assert len(recent_items(tables, None, params)) == len(ease_history(tables, None, params)) == 0
+
+
+def test_versions_from_before_ease_history_sum_ease_over_the_recent_items() -> None:
+    saved = {k: v for k, v in CandidateParams(recent_items=50).to_dict().items() if k != "ease_history"}
+    assert CandidateParams.from_dict(saved).ease_history == 50
+    assert CandidateParams.from_dict({**saved, "ease_history": 500}).ease_history == 500
 
 
 def test_unknown_user_gets_popular_candidates(tables: ServingTables, params: CandidateParams) -> None:

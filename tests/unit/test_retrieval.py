@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from models.core.candidates import EASE, candidates_by_source, ease_scores, recent_items
+from models.core.candidates import EASE, candidates_by_source, ease_history, ease_scores
 from models.core.interactions import InteractionLog, ItemCatalog, build_log
 from models.core.params import CandidateParams
 from models.core.recommender import Recommender
@@ -116,13 +116,13 @@ def test_served_top_n_equals_the_closed_form(x: np.ndarray, lam: float) -> None:
     expected_b = np.maximum(lagrange_weights(x, lam), 0.0)
     params = CandidateParams(
         n_cooc=1, n_ease=3, n_pop=1, ease_l2=lam / mean_diagonal(x), ease_neighbors=n_items,
-        ease_max_items=n_items, recent_items=n_items,
+        ease_max_items=n_items, recent_items=n_items, ease_history=n_items,
     )  # fmt: skip
     log = log_of(x)
     tables = build_tables(log, catalog_of(n_items), ["a", "b"], params)
     for user in range(n_users):
         seen = x[user] > 0
-        scores = ease_scores(tables, recent_items(tables, user, params))
+        scores = ease_scores(tables, ease_history(tables, user, params))
         expected = x[user].astype(np.float64) @ expected_b
         assert np.allclose(scores.score, expected[scores.items], atol=1e-6)
         assert set(scores.items.tolist()) == set(np.flatnonzero(expected > 0).tolist())
@@ -242,9 +242,12 @@ def test_choice_on_validation_is_the_best_measured(synthetic_dataset: Dataset) -
         if r["ease_l2"] < lo:
             assert rows[i + 1]["ease_recall"] > max([x["ease_recall"] for x in rows[i + 2 :]], default=-1)
     best_recency = max(curve["recency"], key=lambda r: r["recall"])
-    assert (chosen.params.recent_items, chosen.params.recency_decay) == (
-        best_recency["recent_items"], best_recency["recency_decay"])  # fmt: skip
-    assert len(curve["recency"]) == len(search.recent_items) * len(search.recency_decays)
+    assert (chosen.params.recent_items, chosen.params.recency_decay, chosen.params.ease_history) == (
+        best_recency["recent_items"], best_recency["recency_decay"], best_recency["ease_history"])  # fmt: skip
+    # Every combination of the windows of the two sources, each once.
+    combos = {(r["recent_items"], r["recency_decay"], r["ease_history"]) for r in curve["recency"]}
+    assert len(combos) == len(curve["recency"]) == (
+        len(search.recent_items) * len(search.recency_decays) * len(search.ease_histories))  # fmt: skip
     # Everything else is kept.
     assert chosen.params.cooc_neighbors == params.cooc_neighbors and chosen.params.cooc_window == params.cooc_window
 
