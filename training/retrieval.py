@@ -11,6 +11,7 @@ the grid comes from one eigendecomposition (models.core.retrieval.ease_weights_p
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -183,21 +184,15 @@ def choose_retrieval(
     given_cooc = cooc  # under the given recency, for "today's two sources"
     # Each source's scores once per window of its own (the given ones are measured already),
     # then the recall of every combination.
-    coocs = {(params.recent_items, params.recency_decay): cooc}
-    eases = {params.ease_history: given_ease}
-    for n in search.recent_items:
-        for d in search.recency_decays:
-            if (n, d) not in coocs:
-                coocs[n, d] = _cooc(chosen_tables, users, replace(params, recent_items=n, recency_decay=d))
-    for n in search.ease_histories:
-        if n not in eases:
-            eases[n] = _ease(chosen_tables, users, replace(params, ease_history=n))
-    combos = [(key, n) for key in coocs for n in eases
-              if key[0] in search.recent_items and key[1] in search.recency_decays and n in search.ease_histories]
+    coocs = {(n, d): cooc if (n, d) == (params.recent_items, params.recency_decay)
+             else _cooc(chosen_tables, users, replace(params, recent_items=n, recency_decay=d))
+             for n in search.recent_items for d in search.recency_decays}  # fmt: skip
+    eases = {n: given_ease if n == params.ease_history else _ease(chosen_tables, users, replace(params, ease_history=n))
+             for n in search.ease_histories}  # fmt: skip
     even = (budget // 3, budget // 3, budget - 2 * (budget // 3))
     recency_rows: list[dict[str, float]] = []
     best_recency: tuple[float, CandidateParams] | None = None
-    for (n_recent, decay), n_ease_history in combos:
+    for (n_recent, decay), n_ease_history in itertools.product(coocs, eases):
         recall = _mix_recall(chosen_tables, users, coocs[n_recent, decay], eases[n_ease_history], even)
         recency_rows.append({"recent_items": n_recent, "recency_decay": decay,
                              "ease_history": n_ease_history, "recall": recall})  # fmt: skip
