@@ -41,6 +41,7 @@ from models.serving.api_schema import (
 from models.serving.batching import JoinedCalls
 from models.serving.bentoml_patches import (
     authorize_dependency,
+    cache_local_callers,
     cache_media_types,
     cap_batch_wait,
     client_errors_in_one_line,
@@ -49,6 +50,7 @@ from models.serving.bentoml_patches import (
     json_server_logs,
     metrics_dir_per_serve,
     numpy_only_unpickling,
+    one_write_bodies,
     patch_openapi,
     retire_sessions_when_idle,
     separate_monitor_logs,
@@ -80,6 +82,8 @@ from models.serving.versioned import BoosterSet, VersionNotHeld, tag_rows
 
 settings = RecsysSettings()  # configuration only: decorators below need it at import
 cache_media_types()
+cache_local_callers()
+one_write_bodies()
 numpy_only_unpickling()
 separate_monitor_logs(settings.monitor_max_bytes, settings.monitor_backups)
 skip_unexported_tracing()
@@ -176,7 +180,14 @@ class RankerService:
             json_server_logs()
         freeze_startup_heap()
 
-    def _scored(self, features: np.ndarray) -> np.ndarray:
+    async def _scored(self, features: np.ndarray) -> np.ndarray:
+        # Small matrices are scored on the event loop: a thread hop cost more than their
+        # prediction. Large ones go to a thread, so the loop keeps reading requests.
+        if len(features) >= settings.ranker_offload_rows:
+            return await asyncio.to_thread(self._scored_now, features)
+        return self._scored_now(features)
+
+    def _scored_now(self, features: np.ndarray) -> np.ndarray:
         try:
             return self.boosters.score(features)
         except ValueError as err:
@@ -188,14 +199,14 @@ class RankerService:
     # (get_batch_size returns a shape tuple); see ../shared/NOTES.md. One argument only
     # (BentoML's batching takes one): the version id is the matrix's first column.
     @batched_api()
-    def score(self, features: np.ndarray) -> np.ndarray:
-        return self._scored(features)
+    async def score(self, features: np.ndarray) -> np.ndarray:
+        return await self._scored(features)
 
     # Its own batch queue, so the challenger's rows do not wait in the champion's batches;
     # rows name their version, as in `score`.
     @batched_api()
-    def score_challenger(self, features: np.ndarray) -> np.ndarray:
-        return self._scored(features)
+    async def score_challenger(self, features: np.ndarray) -> np.ndarray:
+        return await self._scored(features)
 
     @bentoml.api
     def model_tags(self) -> dict[str, Any]:

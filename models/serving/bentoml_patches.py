@@ -16,6 +16,14 @@ kept holding single requests ~20 ms at low load (decaying ~5% per 5 s refresh), 
 at one client took 24 ms instead of 3.5. `cap_batch_wait` bounds that learned wait; under
 load batches still form while the model is busy.
 
+Per-request busywork (1-row /score at 16 clients spent it on every request, both hops):
+- BentoML's `APIMethod` descriptor builds a new local caller, `inspect.signature` included,
+  at every lookup, and its request handler looks the method up once or twice per request;
+  `cache_local_callers` builds it once per service instance.
+- A serialised body went out as one ASGI message per chunk (a pickle's header, then each
+  array's buffer) plus an empty closing one, each through every middleware, and the
+  client's request as one write per chunk; `one_write_bodies` sends one of each.
+
 Tracing: BentoML wraps every request of every service in OpenTelemetry's ASGI middleware
 even when no exporter is configured (spans are made and dropped). On 2 cores that was the
 largest single cost of a request: without it 1-row /score went from ~950 to ~1,700 req/s and
@@ -107,6 +115,7 @@ GUARD_RESPONSES = {
 }
 _PATCHED = "__recsys_openapi_patched__"
 _RETIRING = "_recsys_retiring_sessions"  # a SessionManager's closing tasks
+_LOCAL_CALLERS = "_recsys_local_callers"  # a service instance's API callers, by name
 
 
 def _unpatched(current: Any) -> Any:
@@ -241,6 +250,56 @@ def cache_media_types() -> None:
             return value
 
     descriptor.mime_type = classmethod(_replacing(original, mime_type))
+
+
+def cache_local_callers() -> None:
+    """Build each API's local caller once per service instance: BentoML's `APIMethod`
+    descriptor makes a new one, `inspect.signature` included, on every attribute access,
+    and its request handler looks the method up so once or twice per request."""
+    method_module = importlib.import_module("_bentoml_sdk.method")
+    api_method = method_module.APIMethod
+    current = api_method.__dict__["_local_call"]
+    original = _unpatched(current)
+
+    def _local_call(self: Any, instance: Any) -> Any:
+        # Kept on the instance (not in a dict keyed by it): it lives and dies with it.
+        cache = instance.__dict__.setdefault(_LOCAL_CALLERS, {})
+        try:
+            return cache[self.name]
+        except KeyError:
+            caller = cache[self.name] = original(self, instance)
+            return caller
+
+    api_method._local_call = _replacing(original, _local_call)
+
+
+def one_write_bodies() -> None:
+    """Send a serialised body as one chunk, both ways of the internal hop: BentoML's
+    `IterableResponse` sends each chunk of a payload (a pickle's header, then each array's
+    buffer) as an ASGI message of its own plus an empty closing one, and its client posts
+    them as separate writes; each message crosses every middleware and each write is a
+    system call."""
+    io_models = importlib.import_module("_bentoml_sdk.io_models")
+    serde = importlib.import_module("_bentoml_impl.serde")
+    response = io_models.IterableResponse
+    current_call = response.__dict__["__call__"]
+    original_call = _unpatched(current_call)
+
+    async def __call__(self: Any, scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        await send({"type": "http.response.body", "body": b"".join(self.body_iterator), "more_body": False})
+        if self.background is not None:
+            await self.background()
+
+    response.__call__ = _replacing(original_call, __call__)
+    payload = serde.Payload
+    current_chunks = payload.__dict__["aiter_bytes"]
+    original_chunks = _unpatched(current_chunks)
+
+    async def aiter_bytes(self: Any) -> Any:
+        yield b"".join(self.data)
+
+    payload.aiter_bytes = _replacing(original_chunks, aiter_bytes)
 
 
 def cap_batch_wait(max_wait_s: float) -> None:

@@ -67,6 +67,10 @@ class RecsysSettings(BaseSettings):
         "1Gi", description="Memory the ranking service declares (a worker measured ~290 MB)."
     )
     nthread: int = Field(1, ge=1, description="XGBoost threads per worker (1 wins for small batches).")
+    ranker_offload_rows: int = Field(
+        2048, ge=1, description="Matrices of at least this many rows are scored in a thread; "
+        "smaller ones on the ranking worker's event loop (a thread hop cost more than their prediction)."
+    )
     batching: bool = Field(True, description="Adaptive batching of the ranking service's /score.")
     max_batch_size: int = Field(
         4096, gt=1, description="Adaptive batching limit in feature rows (a /recommend call is ~200)."
@@ -126,10 +130,11 @@ class RecsysSettings(BaseSettings):
         True, description="Join the scoring calls an API worker makes while earlier ones are "
         "out into one call to the ranking service (models/serving/batching.py)."
     )
-    # Measured on 2 cores at 64 clients: 1 and 2 alike for 1-row /score (~2,900 vs ~2,830
-    # req/s), 2 better for /recommend (~1,330 vs ~1,270, p99 78 vs 119 ms).
+    # Measured on 2 cores (5 s cells, ranking worker scoring on its event loop), 1 against 2:
+    # 1-row /score 1,754 vs 1,470 req/s at 16 clients and 3,132 vs 2,816 at 64; /recommend
+    # 674 vs 624 at 16 and 892 vs 735 at 64 (p99 113 vs 156 ms). Fuller calls win.
     api_batch_in_flight: int = Field(
-        2, ge=1, description="Scoring calls an API worker keeps out at once (per model) when "
+        1, ge=1, description="Scoring calls an API worker keeps out at once (per model) when "
         "joining; more calls wait and go out together."
     )
     # Measured on 2 cores, /recommend at 64 clients: see ConnectionRecycler in guard.py.

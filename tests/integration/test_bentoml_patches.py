@@ -408,3 +408,58 @@ def test_bentomls_own_unpickling_still_loads_any_global() -> None:
     serde = importlib.import_module("_bentoml_impl.serde")
     own = serde.PickleSerde.deserialize_value.__wrapped__
     assert own(serde.PickleSerde(), _pickle_payload(OrderedDict(a=1))) == OrderedDict(a=1)
+
+
+@pytest.mark.parametrize("patched", [True, False], ids=["patched", "bentoml-own"])
+def test_an_apis_local_caller_is_built_once_per_instance(patched: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """BentoML builds it (with `inspect.signature`) at every lookup; the day it stops, the
+    bentoml-own case fails: drop `cache_local_callers`."""
+    import service
+
+    api_method = importlib.import_module("_bentoml_sdk.method").APIMethod
+    if not patched:
+        monkeypatch.setattr(api_method, "_local_call", api_method._local_call.__wrapped__)
+    method = service.RankerService.apis["model_tags"]
+    first, second = (object.__new__(service.RankerService.inner) for _ in range(2))
+    assert (method._local_call(first) is method._local_call(first)) is patched
+    assert method._local_call(first) is not method._local_call(second)  # never shared across instances
+
+
+def _sent_messages(response: Any) -> list[dict[str, Any]]:
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    asyncio.run(response({"type": "http"}, None, send))
+    return sent
+
+
+@pytest.mark.parametrize("patched", [True, False], ids=["patched", "bentoml-own"])
+def test_a_serialised_body_goes_out_in_one_piece(patched: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The answer is one body message and the internal request one chunk; BentoML's own
+    send each chunk of the payload apart (the bentoml-own case fails once it stops)."""
+    import numpy as np
+
+    import service  # noqa: F401
+
+    io_models = importlib.import_module("_bentoml_sdk.io_models")
+    serde = importlib.import_module("_bentoml_impl.serde")
+    if not patched:
+        monkeypatch.setattr(io_models.IterableResponse, "__call__", io_models.IterableResponse.__call__.__wrapped__)
+        monkeypatch.setattr(serde.Payload, "aiter_bytes", serde.Payload.aiter_bytes.__wrapped__)
+    payload = serde.PickleSerde().serialize_value(np.arange(6, dtype=np.float32).reshape(2, 3))
+    assert len(payload.data) == 2  # the pickle's header, then the array's own buffer
+    whole = b"".join(bytes(chunk) for chunk in payload.data)
+
+    sent = _sent_messages(io_models.IterableResponse(content=payload.data, headers=payload.headers))
+    bodies = [m for m in sent if m["type"] == "http.response.body"]
+    assert b"".join(bytes(m["body"]) for m in bodies) == whole and not bodies[-1]["more_body"]
+    assert (len(bodies) == 1) is patched
+
+    async def chunks() -> list[bytes]:
+        return [bytes(c) async for c in payload.aiter_bytes()]
+
+    got = asyncio.run(chunks())
+    assert b"".join(got) == whole
+    assert (len(got) == 1) is patched
