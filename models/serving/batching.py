@@ -7,7 +7,10 @@ and nearly all the rest in per-call framework work (HTTP, routing, serialisation
 so with many requests in flight the second hop, not the model, was the limit. BentoML's adaptive batching in the
 ranking service batches the model calls, not those per-request costs. Joining here needs
 no timer: a call goes out at once while fewer than `max_in_flight` are out, so a lone
-request waits for nothing; under load the next call carries what queued meanwhile.
+request waits for nothing; under load the next call carries what queued meanwhile. A call
+is made up when its task starts, a few event-loop turns after the request that started it:
+at 16 clients of 1-row /score, 3 turns took the ranking worker's CPU per request from 0.25
+to 0.22 ms and throughput up ~5% (5 s cells; 10 turns: 0.21 ms).
 """
 
 from __future__ import annotations
@@ -36,13 +39,14 @@ def _joined() -> Any:
 class JoinedCalls:
     """Joins concurrent `score(features)` calls of one event loop; see the module doc."""
 
-    def __init__(self, score: Score, name: str, max_rows: int, max_in_flight: int) -> None:
+    def __init__(self, score: Score, name: str, max_rows: int, max_in_flight: int, yields: int = 3) -> None:
         if max_rows < 1 or max_in_flight < 1:
             raise ValueError(f"max_rows ({max_rows}) and max_in_flight ({max_in_flight}) must be >= 1")
         self._score = score
         self.name = name
         self.max_rows = max_rows
         self.max_in_flight = max_in_flight
+        self.yields = yields
         self._queue: list[tuple[np.ndarray, asyncio.Future[np.ndarray]]] = []
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -71,16 +75,22 @@ class JoinedCalls:
         return batch
 
     def _send(self) -> None:
-        batch = self._take()
-        if not batch:
-            return
         self._in_flight += 1
-        task = asyncio.get_running_loop().create_task(self._run(batch))
+        task = asyncio.get_running_loop().create_task(self._run())
         self._tasks.add(task)  # a reference, so the task is not collected mid-call
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, batch: list[tuple[np.ndarray, asyncio.Future[np.ndarray]]]) -> None:
+    async def _run(self) -> None:
         try:
+            # A few turns of the event loop first: the requests that arrived with this one
+            # are still on their way through the middleware; they join it rather than
+            # wait for the next call (microseconds, so a lone request still waits for
+            # nothing that matters).
+            for _ in range(self.yields):
+                await asyncio.sleep(0)
+            batch = self._take()
+            if not batch:
+                return
             _joined().labels(api=self.name).observe(len(batch))
             features = batch[0][0] if len(batch) == 1 else np.concatenate([f for f, _ in batch])
             try:

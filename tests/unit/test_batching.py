@@ -60,19 +60,38 @@ def test_concurrent_calls_are_joined_and_each_gets_its_own_scores(max_in_flight:
     assert all(rows <= max(max_rows, max(len(x) for x in batch)) for rows in ranker.calls)
 
 
-def test_a_lone_call_goes_out_at_once() -> None:
-    """No timer: with nothing out, a call reaches the ranking service without waiting."""
+@pytest.mark.parametrize("yields", [0, 3])
+def test_a_lone_call_goes_out_after_its_event_loop_turns_only(yields: int) -> None:
+    """No timer: with nothing out, a call reaches the ranking service `yields` event-loop
+    turns after its request, whatever the ranking service's delay."""
     ranker = FakeRanker(delay_s=0.2)
-    joined = JoinedCalls(ranker, "score", max_rows=100, max_in_flight=1)
+    joined = JoinedCalls(ranker, "score", max_rows=100, max_in_flight=1, yields=yields)
 
     async def main() -> None:
         task = asyncio.create_task(joined(np.ones((2, 3), np.float32)))
         await asyncio.sleep(0)  # the task runs up to its await
-        await asyncio.sleep(0)  # the sending task starts
+        for _ in range(yields + 1):  # the sending task starts, and takes its turns
+            assert ranker.calls == []
+            await asyncio.sleep(0)
         assert ranker.calls == [2]
         np.testing.assert_allclose(await task, [3.0, 3.0])
 
     asyncio.run(main())
+
+
+def test_requests_made_during_the_turns_join_the_call() -> None:
+    ranker = FakeRanker(delay_s=0.01)
+    joined = JoinedCalls(ranker, "score", max_rows=100, max_in_flight=1, yields=3)
+
+    async def main() -> None:
+        first = asyncio.create_task(joined(np.ones((1, 3), np.float32)))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # the sending task has started its turns
+        rest = [asyncio.create_task(joined(np.ones((1, 3), np.float32))) for _ in range(2)]
+        await asyncio.gather(first, *rest)
+
+    asyncio.run(main())
+    assert ranker.calls == [3]
 
 
 def test_an_error_reaches_every_caller_of_its_call_and_later_calls_work() -> None:
