@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -58,7 +59,7 @@ from models.serving.bentoml_patches import (
 )
 from models.serving.events import InvalidEvent
 from models.serving.export_loop import ExportLoop
-from models.serving.guard import ConnectionRecycler, RequestGuard, TokenGuard
+from models.serving.guard import ConnectionRecycler, RequestGuard, TokenGuard, WorkerLoads
 from models.serving.heap import freeze_startup_heap
 from models.serving.monitoring import DriftMonitor
 from models.serving.online import BackendUnavailable, make_state
@@ -460,6 +461,18 @@ class ApiService:
         return ReloadInfo(**await self.follower.poll(force=True))
 
 
+def api_worker_loads() -> WorkerLoads | None:
+    """This API worker's slot among the API workers of its `bentoml serve` (in that serve's
+    own metrics folder, models/serving/bentoml_patches.py); none with one worker or outside
+    a serve."""
+    from bentoml._internal.context import server_context
+
+    folder, index = os.environ.get("PROMETHEUS_MULTIPROC_DIR"), server_context.worker_index
+    if settings.api_workers < 2 or not folder or not index or index > settings.api_workers:
+        return None
+    return WorkerLoads(Path(folder) / f"api-worker-loads-{os.getppid()}.bin", settings.api_workers, index - 1)
+
+
 READ_ONLY_ROUTES = frozenset({"/model", "/drift"})  # they answer GET too
 ADMIN_ROUTES = frozenset({"/admin/reload"})  # admin keys only (RECSYS_ADMIN_KEYS)
 forbid_unknown_fields(ApiService)
@@ -477,6 +490,7 @@ ApiService.add_asgi_middleware(
     admin_keys=settings.admin_key_list(),
     admin_paths=ADMIN_ROUTES,
 )
-ApiService.add_asgi_middleware(ConnectionRecycler, max_requests=settings.max_requests_per_connection)
+ApiService.add_asgi_middleware(ConnectionRecycler, max_requests=settings.max_requests_per_connection,
+                               loads=api_worker_loads if settings.balance_connections else None)
 if settings.ranker_token is not None:
     RankerService.add_asgi_middleware(TokenGuard, token=settings.ranker_token.get_secret_value())

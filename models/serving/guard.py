@@ -8,7 +8,11 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import mmap
+import os
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from pathlib import Path
 from typing import Any
 
 Scope = MutableMapping[str, Any]
@@ -234,40 +238,101 @@ class RequestGuard:
         return replay, False
 
 
+class WorkerLoads:
+    """Requests in flight per worker of one service of one serve process, in a small shared
+    file (one int32 slot per worker): each worker writes its own slot and reads the others'.
+    An aligned 4-byte store is atomic, so a reader sees each slot's old or new value."""
+
+    def __init__(self, path: Path, workers: int, index: int) -> None:
+        if not 0 <= index < workers:
+            raise ValueError(f"worker index {index}: must be in [0, {workers})")
+        size = 4 * workers
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_size < size:
+                os.ftruncate(fd, size)
+            self._map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self._slots = memoryview(self._map).cast("i")
+        self.index = index
+
+    def set(self, in_flight: int) -> None:
+        self._slots[self.index] = in_flight
+
+    def least_of_others(self) -> int:
+        return min(v for i, v in enumerate(self._slots) if i != self.index)
+
+
 class ConnectionRecycler:
-    """Answers a kept-alive connection's `max_requests`-th request with `Connection: close`
-    (0: never), as nginx's keepalive_requests does. The API workers share one listening
-    socket and a connection stays with the worker that accepted it: 64 connections opened
-    at once often landed mostly on one worker (54 of 64, all 64), which then did ~88% of the
-    work while the other core idled, for as long as the connections lived. A client that
-    reconnects is accepted by whichever worker is free to accept first, the less busy one.
-    With 50: the busier worker's share at most 0.66 over 20 servers of bench/events_http.py
-    (0.88-0.89 on 2 of 5 before); API CPU per /recommend with 25 and with 100 was within noise
-    of never closing (3 alternating rounds)."""
+    """Answers with `Connection: close` a kept-alive connection's `max_requests`-th request
+    (0: never), as nginx's keepalive_requests does, and, given the other workers' loads
+    (`loads`), a request of a worker that has clearly more in flight than the least busy
+    other one (at most one every `shed_interval_s`).
+
+    The API workers share one listening socket and a connection stays with the worker that
+    accepted it: 64 connections opened at once often landed mostly on one worker (54 of 64,
+    all 64), which then did ~88% of the work while the other core idled, for as long as the
+    connections lived. A client that reconnects is accepted by whichever worker is free to
+    accept first, the less busy one. Closing every 50th request spread them (the busier
+    worker's share at most 0.66 over 20 servers of bench/events_http.py, 0.88-0.89 on 2 of 5
+    before), but each reconnection costs both ends: at 16 clients of 1-row /score the
+    workers still split 38/53% or 39/69% of a core. Closing where the load is uneven, and
+    only there, evens it without reconnecting balanced clients."""
 
     MAX_TRACKED = 65_536  # connections that closed on their own leave an entry; then start over
 
-    def __init__(self, app: ASGIApp, max_requests: int) -> None:
+    def __init__(self, app: ASGIApp, max_requests: int, loads: Callable[[], WorkerLoads | None] | None = None,
+                 shed_interval_s: float = 0.02) -> None:  # fmt: skip
         if max_requests < 0:
             raise ValueError(f"max_requests {max_requests}: must be >= 0 (0: never close)")
         self.app = app
         self.max_requests = max_requests
+        self.shed_interval_s = shed_interval_s
         self._served: dict[Any, int] = {}  # requests so far per (client host, port) of this worker
+        self._open_loads = loads
+        self._loads: WorkerLoads | None = None
+        self._in_flight = 0
+        self._last_shed = 0.0
+
+    def _shed(self) -> bool:
+        """Whether this worker is clearly busier than the least busy other one (at most
+        one connection every shed_interval_s)."""
+        if self._loads is None:
+            return False
+        least = self._loads.least_of_others()
+        if self._in_flight - least < max(2, least // 4):
+            return False
+        now = time.monotonic()
+        if now - self._last_shed < self.shed_interval_s:
+            return False
+        self._last_shed = now
+        return True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         client = scope.get("client")
-        if scope["type"] != "http" or not self.max_requests or client is None:
+        if scope["type"] != "http" or client is None or not (self.max_requests or self._open_loads or self._loads):
             await self.app(scope, receive, send)
             return
+        if self._open_loads is not None:  # opened in the worker (after the fork), on its first request
+            self._loads, self._open_loads = self._open_loads(), None
         key = tuple(client)
         served = self._served.pop(key, 0) + 1
-        if served < self.max_requests:
-            if len(self._served) >= self.MAX_TRACKED:
-                self._served.clear()
-            self._served[key] = served
-            await self.app(scope, receive, send)
-            return
-        await self.app(scope, receive, _closing(send))
+        self._in_flight += 1
+        try:
+            if self._loads is not None:
+                self._loads.set(self._in_flight)
+            if (not self.max_requests or served < self.max_requests) and not self._shed():
+                if len(self._served) >= self.MAX_TRACKED:
+                    self._served.clear()
+                self._served[key] = served
+                await self.app(scope, receive, send)
+                return
+            await self.app(scope, receive, _closing(send))
+        finally:
+            self._in_flight -= 1
+            if self._loads is not None:
+                self._loads.set(self._in_flight)
 
 
 def _closing(send: Send) -> Send:

@@ -143,6 +143,11 @@ class RecsysSettings(BaseSettings):
         "serves before it is closed (Connection: close on the last answer), so that connections "
         "spread again over the workers; 0: never closed."
     )
+    balance_connections: bool = Field(
+        True, description="An API worker with clearly more requests in flight than another "
+        "closes a kept-alive connection (Connection: close), so that its client reconnects "
+        "to the less busy one (models/serving/guard.py)."
+    )
     access_log: bool = Field(False, description="BentoML's per-request access log (both services).")
     log_format: Literal["text", "json"] = Field(
         "text", description="Server log lines as BentoML's text, or one JSON object a line."

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from models.serving.guard import ConnectionRecycler, RequestGuard
+from models.serving.guard import ConnectionRecycler, RequestGuard, WorkerLoads
 
 
 async def echo_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -286,3 +287,58 @@ def test_the_tracked_connections_are_bounded(monkeypatch: pytest.MonkeyPatch) ->
     for port in range(100):  # connections that close on their own, each after one request
         closes(recycler, ("127.0.0.1", 40000 + port))
     assert len(recycler._served) <= 10
+
+
+@pytest.mark.parametrize(("other_in_flight", "own_in_flight", "closed"), [
+    (0, 1, 0),    # one request against an idle worker: a difference of 1 is noise
+    (0, 4, 1),    # clearly busier: one connection goes, then the interval holds the rest
+    (4, 4, 0),    # even
+    (8, 11, 1),   # 3 more than 8 (at least 2, or a quarter of the other's load)
+    (40, 45, 0),  # 5 more than 40 is within a quarter
+])  # fmt: skip
+def test_a_clearly_busier_worker_closes_one_connection(tmp_path: Path, other_in_flight: int, own_in_flight: int,
+                                                       closed: int) -> None:  # fmt: skip
+    path = tmp_path / "loads.bin"
+    other = WorkerLoads(path, workers=2, index=1)
+    other.set(other_in_flight)
+    recycler = ConnectionRecycler(echo_app, max_requests=0, loads=lambda: WorkerLoads(path, 2, 0), shed_interval_s=60)
+    release = asyncio.Event()
+    seen_by_other: list[int] = []
+
+    async def held_app(scope: Any, receive: Any, send: Any) -> None:
+        seen_by_other.append(other.least_of_others())  # this worker's slot, read by the other
+        await release.wait()
+        await echo_app(scope, receive, send)
+
+    recycler.app = held_app
+
+    async def one(port: int) -> bool:
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/score", "headers": [], "client": ("127.0.0.1", port)}
+        await recycler(scope, receive, send)
+        return dict(sent[0]["headers"]).get(b"connection") == b"close"
+
+    async def main() -> list[bool]:
+        tasks = [asyncio.create_task(one(50000 + i)) for i in range(own_in_flight)]
+        while len(seen_by_other) < own_in_flight:
+            await asyncio.sleep(0)
+        release.set()
+        return await asyncio.gather(*tasks)
+
+    assert sum(asyncio.run(main())) == closed
+    assert seen_by_other == list(range(1, own_in_flight + 1))
+    assert other.least_of_others() == 0  # every request done
+
+
+def test_without_loads_or_with_one_worker_nothing_is_shed(tmp_path: Path) -> None:
+    recycler = ConnectionRecycler(echo_app, max_requests=0, loads=lambda: None)
+    assert not any(closes(recycler, ("127.0.0.1", 50001)) for _ in range(20))
+    with pytest.raises(ValueError, match=r"worker index 2: must be in \[0, 2\)"):
+        WorkerLoads(tmp_path / "loads.bin", workers=2, index=2)
