@@ -55,6 +55,95 @@ class Cell:
 # -- in-process references ---------------------------------------------------------------
 
 
+def _rate(fn: Any, seconds: float) -> float:
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        fn(n)
+        n += 1
+    return n / (time.perf_counter() - start)
+
+
+def _recommend_loop(tag: str, users: list[str]) -> Any:
+    """One /recommend of the pipeline, in this process (no HTTP): candidates, features,
+    the model, the top k."""
+    from models.core.ranking import predict_scores
+    from models.core.recommender import Recommender
+    from models.lifecycle.store import open_version
+
+    version = open_version(tag)
+    rec = Recommender(version.load_tables(), version.params)
+    booster = version.load_booster(nthread=1)
+
+    def recommend(i: int) -> None:
+        user = rec.user_index(users[i % len(users)])
+        assert user is not None
+        p = rec.prepare_recommend(user, exclude_seen=True)
+        rec.ranked(p, predict_scores(booster, p.features), 10)
+
+    return recommend
+
+
+def whole_machine_recommend_rps(tag: str, users: list[str], seconds: float, processes: int) -> list[float]:
+    """The pipeline on every core at once: `processes` processes of one thread, each
+    loaded, then started together (a line on stdin), each reporting its own rate."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
+        json.dump(users, fh)
+    command = [sys.executable, "-m", "bench.perf", "--in-process-worker", tag, fh.name, str(seconds)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(command, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for _ in range(processes)]  # fmt: skip
+    try:
+        for proc in procs:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        rates = [float(proc.communicate(timeout=seconds + 60)[0]) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill() if proc.poll() is None else None
+        Path(fh.name).unlink()
+    return rates
+
+
+def _in_process_worker(tag: str, users_path: str, seconds: float) -> None:
+    recommend = _recommend_loop(tag, json.loads(Path(users_path).read_text()))
+    recommend(0)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    print(_rate(recommend, seconds), flush=True)
+
+
+def hop_encodings(n_columns: int, repeat: int = 2000) -> dict[str, float]:
+    """Microseconds to encode and decode the second hop's matrix: BentoML's pickle (protocol
+    5, the array's bytes out of band, loaded by the numpy-only unpickler), against the
+    leanest safe alternative, raw float32 bytes with the shape beside them."""
+    from _bentoml_impl.serde import PickleSerde
+
+    import service  # noqa: F401  (the numpy-only unpickler is a patch the service applies)
+
+    serde = PickleSerde()
+    out: dict[str, float] = {}
+    for rows in (1, 200):
+        matrix = np.random.default_rng(0).random((rows, n_columns), dtype=np.float32)
+
+        def pickled() -> Any:
+            return serde.deserialize_value(serde.serialize_value(matrix))
+
+        def raw() -> Any:
+            body, shape = matrix.tobytes(), matrix.shape
+            return np.frombuffer(body, dtype=np.float32).reshape(shape)
+
+        for name, fn in (("pickle", pickled), ("raw_f32", raw)):
+            assert np.array_equal(fn(), matrix)
+            start = time.perf_counter()
+            for _ in range(repeat):
+                fn()
+            out[f"hop_{name}_{rows}rows_us"] = (time.perf_counter() - start) / repeat * 1e6
+    return out
+
+
 def in_process_references(tag: str, users: list[str], items: list[str], seconds: float) -> dict[str, float]:
     from models.core.ranking import predict_scores
     from models.core.recommender import Recommender
@@ -66,18 +155,9 @@ def in_process_references(tag: str, users: list[str], items: list[str], seconds:
     out: dict[str, float] = {}
 
     def rate(fn: Any) -> float:
-        n, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            fn(n)
-            n += 1
-        return n / (time.perf_counter() - start)
+        return _rate(fn, seconds)
 
-    def recommend(i: int) -> None:
-        user = rec.user_index(users[i % len(users)])
-        assert user is not None
-        p = rec.prepare_recommend(user, exclude_seen=True)
-        rec.ranked(p, predict_scores(booster, p.features), 10)
-
+    recommend = _recommend_loop(tag, users)
     idx = rec.item_indices(items)
 
     def rank(i: int) -> None:
@@ -85,6 +165,10 @@ def in_process_references(tag: str, users: list[str], items: list[str], seconds:
         rec.ranked(p, predict_scores(booster, p.features), 100)
 
     out["recommend_rps"] = rate(recommend)
+    cores = psutil.cpu_count() or 1
+    per_process = whole_machine_recommend_rps(tag, users, seconds, cores)
+    out["recommend_rps_whole_machine"] = sum(per_process)
+    out["whole_machine_processes"] = cores
     out["rank_rps"] = rate(rank)
     big = np.vstack([rec.prepare_recommend(rec.user_index(u), True).features for u in users[:200]])
     big = np.resize(big, (10_000, big.shape[1])).astype(np.float32)
@@ -98,6 +182,7 @@ def in_process_references(tag: str, users: list[str], items: list[str], seconds:
     floor = subprocess.run([sys.executable, "-c", "import psutil, numpy, bentoml, _bentoml_impl.server.app; "
                             "print(psutil.Process().memory_info().rss)"], capture_output=True, text=True, check=True)  # fmt: skip
     out["framework_floor_mb"] = int(floor.stdout.split()[-1]) / 2**20
+    out.update(hop_encodings(big.shape[1] + 1))
     out["model_and_tables_mb"] = (
         version.load_tables().nbytes() + (version.path / "ranker.ubj").stat().st_size
     ) / 2**20
@@ -176,9 +261,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", default="1,16,64")
     p.add_argument("--smoke", action="store_true", help="tiny run: checks the benchmark works")
     p.add_argument("--skip-mlserver", action="store_true")
-    p.add_argument("--drift-rounds", type=int, default=2, help="extra drift on/off pairs at top concurrency")
+    p.add_argument("--drift-rounds", type=int, default=3, help="extra drift on/off pairs at top concurrency")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--in-process-worker", nargs=3, metavar=("TAG", "USERS_JSON", "SECONDS"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.in_process_worker:
+        tag, users_path, seconds = args.in_process_worker
+        _in_process_worker(tag, users_path, float(seconds))
+        return 0
     if args.smoke:
         args.duration, args.concurrency, args.drift_rounds = 1.0, "1,8", 0
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -283,27 +373,35 @@ def bars(cells: list[Cell], reference: dict[str, float], memory: dict[str, dict[
          half: dict[str, Any], levels: list[int]) -> list[tuple[str, str, bool | None]]:  # fmt: skip
     out: list[tuple[str, str, bool | None]] = []
     best = max((x.result.rps for x in cells if x.system == "bentoml batching" and x.scenario == "recommend"), default=0)
-    share = best / reference["recommend_rps"] if reference["recommend_rps"] else 0
-    out.append(("/recommend best ≥ 50% of in-process", f"{best:.0f} / {reference['recommend_rps']:.0f} req/s = {share:.0%}", share >= 0.5))
+    machine = reference.get("recommend_rps_whole_machine") or reference["recommend_rps"]
+    share = best / machine if machine else 0
+    out.append((f"/recommend best ≥ 75% of the in-process pipeline on the whole machine "
+                f"({reference.get('whole_machine_processes', 1):.0f} processes; one process: {reference['recommend_rps']:.0f} req/s)",
+                f"{best:.0f} / {machine:.0f} req/s = {share:.0%}", share >= 0.75))  # fmt: skip
     top = max(levels)
-    on, off, peer = (_get(cells, s, "score1", top) for s in ("bentoml batching", "bentoml no batching", "mlserver"))
+    on, off = (_get(cells, s, "score1", top) for s in ("bentoml batching", "bentoml no batching"))
     if on and off:
         ratio = on.rps / off.rps if off.rps else float("inf")
         out.append((f"/score 1-row c={top}: batching ≥ 3× no batching", f"{on.rps:.0f} vs {off.rps:.0f} = {ratio:.2f}×", ratio >= 3))
-    if on and peer:
-        ratio = on.rps / peer.rps if peer.rps else float("inf")
-        out.append((f"/score 1-row c={top}: ≥ 1.2× MLServer", f"{on.rps:.0f} vs {peer.rps:.0f} = {ratio:.2f}×", ratio >= 1.2))
-        out.append((f"/score 1-row c={top}: p99 ≤ MLServer's", f"{on.percentile(99):.0f} vs {peer.percentile(99):.0f} ms",
-                    on.percentile(99) <= peer.percentile(99)))  # fmt: skip
+    for c in levels:
+        ours, peer = _get(cells, "bentoml batching", "score1", c), _get(cells, "mlserver", "score1", c)
+        if ours and peer:
+            ratio = ours.rps / peer.rps if peer.rps else float("inf")
+            out.append((f"/score 1-row c={c}: ≥ 1.2× MLServer", f"{ours.rps:.0f} vs {peer.rps:.0f} = {ratio:.2f}×", ratio >= 1.2))
+            out.append((f"/score 1-row c={c}: p99 ≤ MLServer's", f"{ours.percentile(99):.1f} vs {peer.percentile(99):.1f} ms",
+                        ours.percentile(99) <= peer.percentile(99)))  # fmt: skip
+    # Drift on against off, server pairs run one after the other: the median of the pairs' costs.
     on_runs = [x.result.rps for x in cells if x.scenario == "recommend" and x.concurrency == top
                and x.system in ("bentoml batching", "bentoml drift on (again)")]  # fmt: skip
     off_runs = [x.result.rps for x in cells if x.scenario == "recommend" and x.concurrency == top
                 and x.system in ("bentoml drift off", "bentoml drift off (again)")]  # fmt: skip
-    if on_runs and off_runs:
-        on_rps, off_rps = float(np.median(on_runs)), float(np.median(off_runs))
-        cost = 1 - on_rps / off_rps
-        out.append((f"drift monitoring costs ≤ 5% of /recommend (c={top}, median of {len(on_runs)} servers each)",
-                    f"{on_rps:.0f} vs {off_rps:.0f} req/s off = {cost:.1%}", cost <= 0.05))  # fmt: skip
+    pairs = list(zip(on_runs, off_runs))
+    pairs = pairs[1:] if len(pairs) > 3 else pairs  # the first pair ran minutes apart
+    costs = [1 - a / b for a, b in pairs if b]
+    if costs:
+        cost = float(np.median(costs))
+        out.append((f"drift monitoring costs ≤ 5% of /recommend (c={top}, median of {len(costs)} server pairs)",
+                    f"{cost:.1%} (pairs: {', '.join(f'{c:.1%}' for c in costs)})", cost <= 0.05))  # fmt: skip
     if half:
         out.append(("/recommend p99 ≤ 50 ms at half saturation", f"{half['p99_ms']:.1f} ms at {half['rps']:.0f} req/s", half["p99_ms"] <= 50))
     size, floor = reference["model_and_tables_mb"], reference["framework_floor_mb"]
@@ -323,7 +421,8 @@ def write_report(out: Path, cells: list[Cell], reference: dict[str, float], memo
         r = x.row()
         lines.append(f"| {x.system} | {x.scenario} | {x.concurrency} | {r['rps']:.0f} | {r['p50_ms']:.1f} | "
                      f"{r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['failed']} | {r['client_cpu_share']:.0%} |")  # fmt: skip
-    lines += ["", "In-process references (one process, no HTTP):", ""]
+    lines += ["", "In-process references (no HTTP; one process unless it says the whole machine), and the "
+              "second hop's encodings (encode and decode of a (rows, 1 + features) float32 matrix, µs):", ""]
     lines += [f"- {k}: {v:,.1f}" for k, v in reference.items()]
     lines += ["", "Worker resident memory (MB):", ""]
     lines += [f"- {system}: " + ", ".join(f"{k} {v:.0f}" for k, v in w.items()) for system, w in memory.items()]
