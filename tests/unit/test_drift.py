@@ -66,6 +66,21 @@ def test_layout_counts_every_row_once(profile: ReferenceProfile) -> None:
     assert layout.score_counts(counts).sum() == 300
 
 
+def test_layout_counts_each_value_in_its_bin_index_edges_and_outliers_included(profile: ReferenceProfile) -> None:
+    layout = profile.layout()
+    rows = REFERENCE[:200].astype(np.float64)
+    rows[0] = [e[0] if len(e) else 0.0 for e in layout.feature_edges]  # on an edge: the bin below it
+    rows[1], rows[2] = -1e9, 1e9
+    scores = np.concatenate([layout.score_edges[:1], REF_SCORES[1:200]])
+    counts = layout.count(rows.astype(np.float32), scores)
+    for j in range(N_FEATURES):
+        expected = np.bincount(bin_index(rows.astype(np.float32)[:, j], layout.feature_edges[j]),
+                               minlength=len(layout.feature_edges[j]) + 1)  # fmt: skip
+        assert layout.feature_counts(counts, j).tolist() == expected.tolist()
+    expected = np.bincount(bin_index(scores, layout.score_edges), minlength=len(layout.score_edges) + 1)
+    assert layout.score_counts(counts).tolist() == expected.tolist()
+
+
 def _as_requests(layout, counts: np.ndarray, requests: int) -> np.ndarray:  # type: ignore[no-untyped-def]
     """`counts` of rows that came in `requests` scored requests."""
     layout.add_request(counts, requests, cold=0, scored=requests, online=0, warmed=0)
