@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import logging
 import os
 from pathlib import Path
 from typing import Annotated, Any
@@ -470,7 +471,12 @@ def api_worker_loads() -> WorkerLoads | None:
     folder, index = os.environ.get("PROMETHEUS_MULTIPROC_DIR"), server_context.worker_index
     if settings.api_workers < 2 or not folder or not index or index > settings.api_workers:
         return None
-    return WorkerLoads(Path(folder) / f"api-worker-loads-{os.getppid()}.bin", settings.api_workers, index - 1)
+    path = Path(folder) / f"api-worker-loads-{os.getppid()}.bin"
+    try:
+        return WorkerLoads(path, settings.api_workers, index - 1)
+    except OSError as err:  # connections then spread by RECSYS_MAX_REQUESTS_PER_CONNECTION alone
+        logging.getLogger("recsys.guard").warning("connections are not balanced by load: %s: %s", path, err)
+        return None
 
 
 READ_ONLY_ROUTES = frozenset({"/model", "/drift"})  # they answer GET too
