@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import tempfile
 import threading
 import time
@@ -216,11 +217,17 @@ class DriftCounter:
     Rows wait for their batch at most until their time bucket ends or the next `flush`, and
     are always counted in the bucket they arrived in.
 
+    A row budget (`rows_per_s`) bounds the cost under load: when the bucket before held more
+    rows than that, each request's rows are binned with a chance of 1/w (w a power of two,
+    the same for the whole bucket) and counted w times, so the counts still estimate all the
+    rows served; requests themselves are always counted.
+
     Thread-safe: the service adds rows on its event loop while `/drift` (a plain `def` API,
     run in a worker thread) flushes; one lock keeps the waiting rows and the counts whole."""
 
     def __init__(self, layout: BinLayout, folder: Path, name: str, window_s: float, n_buckets: int = 30,
-                 batch_rows: int = 2048) -> None:  # fmt: skip
+                 batch_rows: int = 2048, rows_per_s: float | None = None,
+                 rng: random.Random | None = None) -> None:  # fmt: skip
         self.layout = layout
         self.folder = folder
         self.width = window_s / n_buckets
@@ -228,10 +235,14 @@ class DriftCounter:
         self.batch_rows = batch_rows
         self.counts = np.zeros((n_buckets, layout.size), dtype=np.int64)
         self.bucket_ids = np.full(n_buckets, -1, dtype=np.int64)
+        self.rows_per_bucket = None if rows_per_s is None else rows_per_s * self.width
+        self.arrived = np.zeros(n_buckets, dtype=np.int64)  # rows served per bucket, binned or not
+        self._rng = rng or random.Random()
         self.path = folder / f"{name}-{os.getpid()}.npz"
         self._rows: list[tuple[np.ndarray, np.ndarray]] = []  # waiting to be binned
         self._rows_n = 0
         self._rows_bucket = -1
+        self._rows_weight = 1
         self._lock = threading.Lock()
         folder.mkdir(parents=True, exist_ok=True)
 
@@ -239,8 +250,20 @@ class DriftCounter:
         slot = bucket % self.n_buckets
         if self.bucket_ids[slot] != bucket:
             self.counts[slot] = 0
+            self.arrived[slot] = 0
             self.bucket_ids[slot] = bucket
         return slot
+
+    def weight(self, bucket: int) -> int:
+        """How many rows one binned row stands for in `bucket`: 1 within the row budget, else
+        the power of two that brings the bucket before's rows under it."""
+        if self.rows_per_bucket is None:
+            return 1
+        before = (bucket - 1) % self.n_buckets
+        rows = int(self.arrived[before]) if self.bucket_ids[before] == bucket - 1 else 0
+        if rows <= self.rows_per_bucket:
+            return 1
+        return 1 << math.ceil(math.log2(rows / self.rows_per_bucket))
 
     def add(self, features: np.ndarray, scores: np.ndarray, requests: int = 1, cold: int = 0,
             now: float | None = None, online: int = 0, warmed: int = 0) -> None:  # fmt: skip
@@ -253,12 +276,17 @@ class DriftCounter:
             slot = self._slot(bucket)
             scored = requests if len(features) else 0
             self.layout.add_request(self.counts[slot], requests, cold, scored, online, warmed)
-            if len(features):
-                self._rows.append((features, scores))
-                self._rows_n += len(features)
-                self._rows_bucket = bucket
-                if self._rows_n >= self.batch_rows:
-                    self._bin_waiting()
+            if not len(features):
+                return
+            self.arrived[slot] += len(features)
+            weight = self.weight(bucket)
+            if weight > 1 and self._rng.random() * weight >= 1:
+                return
+            self._rows.append((features, scores))
+            self._rows_n += len(features)
+            self._rows_bucket, self._rows_weight = bucket, weight  # one weight per bucket
+            if self._rows_n >= self.batch_rows:
+                self._bin_waiting()
 
     def requests(self) -> int:
         with self._lock:
@@ -269,7 +297,7 @@ class DriftCounter:
             return
         features = np.concatenate([f for f, _ in self._rows])
         scores = np.concatenate([s for _, s in self._rows])
-        self.counts[self._slot(self._rows_bucket)] += self.layout.count(features, scores)
+        self.counts[self._slot(self._rows_bucket)] += self.layout.count(features, scores) * self._rows_weight
         self._rows.clear()
         self._rows_n = 0
 

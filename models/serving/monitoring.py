@@ -93,7 +93,8 @@ class DriftMonitor:
         self.profile = ReferenceProfile.load(model_folder)
         remove_dead_owners(settings.drift_dir)
         self.folder = settings.drift_dir / str(os.getppid()) / model_tag.replace(":", "-")
-        self.counter = DriftCounter(self.profile.layout(), self.folder, role, settings.drift_window_s)
+        self.counter = DriftCounter(self.profile.layout(), self.folder, role, settings.drift_window_s,
+                                    rows_per_s=settings.drift_rows_per_s)  # fmt: skip
         self._gauge_at = 0.0
         self._psi = _psi_gauge()
         self._sample = random.Random()

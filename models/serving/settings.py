@@ -181,6 +181,11 @@ class RecsysSettings(BaseSettings):
     drift_window_rows: int | None = Field(
         None, ge=1, description="Drift window by count instead: the newest buckets holding N rows."
     )
+    drift_rows_per_s: float | None = Field(
+        5000.0, gt=0, description="Rows a worker bins per second at most (the cost under load): beyond, "
+        "a request's rows are binned with a chance of 1/w and counted w times (w a power of two, set per time "
+        "bucket, a 30th of the window, from the one before), so the counts still estimate every row. Unset: every row.",
+    )
     drift_warn: float = Field(0.1, ge=0, description="PSI at or above which a feature is 'warn'.")
     drift_alert: float = Field(0.25, ge=0, description="PSI at or above which a feature is 'alert'.")
     drift_min_rows: int | None = Field(

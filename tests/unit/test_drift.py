@@ -147,6 +147,47 @@ def test_rows_binned_in_batches_count_as_binned_one_request_at_a_time(
     assert batched.counts[:, layout.score_offset : layout.requests_slot].sum() > 0
 
 
+@pytest.mark.parametrize(("rows_before", "weight"), [(0, 1), (1000, 1), (1001, 2), (8000, 8), (8001, 16)])
+def test_the_row_budget_weights_a_bucket_by_the_rows_of_the_one_before(
+    profile: ReferenceProfile, tmp_path: Path, rows_before: int, weight: int
+) -> None:
+    """100 rows/s over 10 s buckets: 1,000 rows a bucket are binned in full; more, and a row
+    stands for the power of two that brings the bucket before under the budget."""
+    counter = DriftCounter(profile.layout(), tmp_path, "api", window_s=60, n_buckets=6, rows_per_s=100)
+    now = 1_000_005.0
+    for start in range(0, rows_before, 500):
+        n = min(500, rows_before - start)
+        counter.add(REFERENCE[:n], REF_SCORES[:n], now=now - 10)
+    assert counter.weight(int(now // counter.width)) == weight
+    assert counter.weight(int(now // counter.width) + 5) == 1  # a bucket after a gap: nothing before it
+
+
+def test_over_the_row_budget_a_sample_of_requests_estimates_every_row(profile: ReferenceProfile, tmp_path: Path) -> None:
+    """Past the budget, few requests are binned, each counted w times: the counted rows are
+    a multiple of w near the rows served, requests are all counted, and the binned
+    distribution is the traffic's (a PSI far under 'warn')."""
+    import random
+
+    layout = profile.layout()
+    full = DriftCounter(layout, tmp_path / "full", "api", window_s=60, n_buckets=6)
+    sampled = DriftCounter(layout, tmp_path / "sampled", "api", window_s=60, n_buckets=6, rows_per_s=200,
+                           rng=random.Random(0))  # fmt: skip
+    now = 1_000_000.0
+    for bucket in range(2):  # the first bucket is binned in full and sets the second's weight
+        for i in range(400):
+            start = (i * 50) % (len(REFERENCE) - 50)
+            for counter in (full, sampled):
+                counter.add(REFERENCE[start : start + 50], REF_SCORES[start : start + 50], now=now + 10 * bucket + i / 100)
+    slot = int((now + 10) // sampled.width) % sampled.n_buckets
+    full_counts, (sampled_counts, _) = full.snapshot()[0][slot], sampled.snapshot()
+    counted = layout.score_counts(sampled_counts[slot]).sum()
+    assert sampled.weight(int((now + 10) // sampled.width)) == 16  # 20,000 rows against 2,000
+    assert counted % 16 == 0 and 0.6 * 20_000 <= counted <= 1.4 * 20_000
+    assert sampled_counts[slot, layout.requests_slot] == full_counts[layout.requests_slot] == 400
+    for j in range(N_FEATURES):
+        assert psi(layout.feature_counts(full_counts, j) / 20_000, layout.feature_counts(sampled_counts[slot], j)) < 0.05
+
+
 def test_profile_round_trips_as_json(profile: ReferenceProfile, tmp_path: Path) -> None:
     profile.save(tmp_path)
     assert ReferenceProfile.load(tmp_path) == profile
