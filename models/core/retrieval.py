@@ -42,7 +42,10 @@ def ease_items(history: InteractionLog, n_items: int, max_items: int) -> np.ndar
 def _pairs(history: InteractionLog) -> tuple[np.ndarray, np.ndarray]:
     """Distinct (user, item) pairs: X is binary, a repeated interaction counts once."""
     n_items = int(history.item.max()) + 1 if len(history) else 1
-    keys = np.unique(history.user.astype(np.int64) * n_items + history.item)
+    # A sort and a mask, not np.unique: on ml-25m's 20M keys, 0.5 s against 25 s (numpy 2.4).
+    # The log is sorted by user, so the keys are sorted in runs and a stable sort is cheap.
+    keys = np.sort(history.user.astype(np.int64) * n_items + history.item, kind="stable")
+    keys = keys[np.r_[True, keys[1:] != keys[:-1]]] if len(keys) else keys
     return (keys // n_items).astype(np.int64), (keys % n_items).astype(np.int64)
 
 
@@ -84,9 +87,11 @@ def binary_rows(history: InteractionLog, items: np.ndarray) -> BinaryRows:
     col = np.searchsorted(items, item)
     col = np.minimum(col, max(len(items) - 1, 0))
     keep = (items[col] == item) if len(items) else np.zeros(len(item), dtype=bool)
-    users, row_index = np.unique(user[keep], return_inverse=True)
-    # _pairs gives (user, item) sorted by user, so row_index is ascending already.
-    return BinaryRows(row_index.astype(np.int64), col[keep].astype(np.int64), len(users), len(items))
+    kept = user[keep]
+    # _pairs gives (user, item) sorted by user: a row index is the count of user changes.
+    new_user = np.r_[True, kept[1:] != kept[:-1]] if len(kept) else np.zeros(0, dtype=bool)
+    row_index = np.cumsum(new_user) - 1
+    return BinaryRows(row_index.astype(np.int64), col[keep].astype(np.int64), int(new_user.sum()), len(items))
 
 
 def binary_matrix(history: InteractionLog, items: np.ndarray) -> np.ndarray:

@@ -139,66 +139,70 @@ def _per_user_mean(user: np.ndarray, values: np.ndarray, n_users: int, default: 
 COOC_BLOCK_ENTRIES = 16_000_000
 
 
-def _cooc_pairs(user: np.ndarray, item: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
-    """(earlier, later) items of the pairs `d` steps apart in one user's timeline, distinct."""
-    same = user[d:] == user[:-d]
-    a, b = item[:-d][same], item[d:][same]
-    distinct = a != b
-    return a[distinct], b[distinct]
-
-
 def build_cooc_index(
     history: InteractionLog, n_items: int, params: CandidateParams, block_entries: int = COOC_BLOCK_ENTRIES,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Item-to-item co-occurrence within `cooc_window` steps of each user's timeline,
     weighted 1/distance, cosine-normalised by item counts; the best `cooc_neighbors` per item,
-    as a CSR (indptr int64, neighbours int32, scores float32). Built block by block of source
-    items (`block_entries` pair entries at a time), each block's rows cut to their best
-    neighbours before the next, so memory follows the block, not the log."""
+    as a CSR (indptr int64, neighbours int32, scores float32), each row best first (ties:
+    lower neighbour first). Built block by block of source items (about `block_entries`
+    pair entries at a time), each block's rows cut to their best neighbours before the next,
+    so memory follows the block, not the log. A block reads only its own items' positions in
+    the log (one argsort by item), so the build is O(window × log), not O(blocks × window ×
+    log): 194 -> 48 s on ml-25m's 20M-interaction window 1."""
+    from scipy import sparse  # training only: serving imports this module, never this function
+
     user, item = history.user, history.item
     window = min(params.cooc_window, max(len(user) - 1, 0))
     item_count = np.bincount(item, minlength=n_items).astype(np.float64)
+    empty = (np.zeros(n_items + 1, dtype=np.int64), np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.float32))
+    if window == 0 or n_items == 0:
+        return empty
     # Entries per source item are at most 2 × window × its count: blocks cut on that bound.
     bound = np.cumsum(2 * window * item_count)
-    n_blocks = max(1, int(np.ceil(bound[-1] / block_entries))) if n_items else 1
+    n_blocks = max(1, int(np.ceil(bound[-1] / block_entries)))
     edges = np.unique(np.r_[0, np.searchsorted(bound, np.arange(1, n_blocks) * block_entries), n_items])
-    srcs: list[np.ndarray] = []
+    by_item = np.argsort(item, kind="stable")
+    item_starts = np.r_[0, np.cumsum(item_count.astype(np.int64))]
+    # Padded with `window` rows of user -1 at each end: every offset is inside, no bounds tests.
+    user_pad = np.concatenate((np.full(window, -1, user.dtype), user, np.full(window, -1, user.dtype)))
+    item_pad = np.concatenate((np.full(window, -1, item.dtype), item, np.full(window, -1, item.dtype)))
+    steps = np.r_[np.arange(1, window + 1), -np.arange(1, window + 1)]
+    step_weight = 1.0 / np.abs(steps)
+    indptr = np.zeros(n_items + 1, dtype=np.int64)
     dsts: list[np.ndarray] = []
     scores: list[np.ndarray] = []
     for lo, hi in zip(edges[:-1].tolist(), edges[1:].tolist()):
-        keys_parts: list[np.ndarray] = []
-        weight_parts: list[np.ndarray] = []
-        for d in range(1, window + 1):
-            a, b = _cooc_pairs(user, item, d)
-            for src, dst in ((a, b), (b, a)):
-                inside = (src >= lo) & (src < hi)
-                keys_parts.append(src[inside].astype(np.int64) * n_items + dst[inside])
-                weight_parts.append(np.full(int(inside.sum()), 1.0 / d))
-        keys = np.concatenate(keys_parts) if keys_parts else np.zeros(0, dtype=np.int64)
-        if len(keys) == 0:
-            continue
-        weights = np.concatenate(weight_parts)
-        del keys_parts, weight_parts
-        uniq, inverse = np.unique(keys, return_inverse=True)
-        del keys
-        counts = np.bincount(inverse, weights=weights)
-        del inverse, weights
-        src = (uniq // n_items).astype(np.int32)
-        dst = (uniq % n_items).astype(np.int32)
-        score = counts / np.sqrt(np.maximum(item_count[src], 1) * np.maximum(item_count[dst], 1))
-        order = np.lexsort((-score, src))
-        src, dst, score = src[order], dst[order], score[order]
-        starts = np.searchsorted(src, np.arange(n_items))
-        keep = np.arange(len(src)) - starts[src] < params.cooc_neighbors
-        srcs.append(src[keep])
-        dsts.append(dst[keep])
-        scores.append(score[keep].astype(np.float32))
-    if not srcs:
-        empty = np.zeros(0, dtype=np.int32)
-        return np.zeros(n_items + 1, dtype=np.int64), empty, empty.astype(np.float32)
-    src = np.concatenate(srcs)
-    indptr = np.concatenate(([0], np.cumsum(np.bincount(src, minlength=n_items)))).astype(np.int64)
-    return indptr, np.concatenate(dsts).astype(np.int32), np.concatenate(scores)
+        at = by_item[item_starts[lo] : item_starts[hi]] + window  # this block's log positions, padded
+        src = np.repeat(np.arange(hi - lo, dtype=np.int64), item_count[lo:hi].astype(np.int64))  # item[at] - lo
+        # One row per position, one column per step: src stays ascending when flattened.
+        other = at[:, None] + steps[None, :]
+        dst = item_pad[other]
+        pair = (user_pad[other] == user_pad[at][:, None]) & (dst != (src + lo)[:, None])
+        row_len = np.bincount(np.broadcast_to(src[:, None], pair.shape)[pair], minlength=hi - lo)
+        counts = sparse.csr_matrix(
+            (np.broadcast_to(step_weight, pair.shape)[pair], dst[pair], np.r_[0, np.cumsum(row_len)]),
+            shape=(hi - lo, n_items),
+        )
+        del other, dst, pair
+        counts.sum_duplicates()  # each row's neighbours once, ascending
+        row = np.repeat(np.arange(hi - lo), np.diff(counts.indptr))
+        neighbour, weight, row_starts = counts.indices, counts.data, counts.indptr
+        score = weight / np.sqrt(np.maximum(item_count[row + lo], 1) * np.maximum(item_count[neighbour], 1))
+        score = score.astype(np.float32)  # as saved: the order below is exact for these values
+        # Each row best first, ties by lower neighbour (the columns are ascending and the sort
+        # stable): one sort of (row, score) packed in a uint64, as a positive float32's bits
+        # order like its value (lexsort of (-score, row) took 5-10x as long).
+        key = (row.astype(np.uint64) << np.uint64(32)) | (np.uint64(0xFFFFFFFF) - score.view(np.uint32))
+        order = np.argsort(key, kind="stable")
+        row, neighbour, score = row[order], neighbour[order], score[order]
+        keep = np.arange(len(row)) - row_starts[row] < params.cooc_neighbors
+        indptr[lo + 1 : hi + 1] = np.minimum(np.diff(row_starts), params.cooc_neighbors)
+        dsts.append(neighbour[keep].astype(np.int32))
+        scores.append(score[keep])
+    if not dsts:
+        return empty
+    return np.cumsum(indptr), np.concatenate(dsts), np.concatenate(scores)
 
 
 def popularity(

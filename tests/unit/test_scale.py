@@ -11,6 +11,7 @@ import pytest
 import xgboost as xgb
 
 from models.core import retrieval
+from models.core.interactions import InteractionLog
 from models.core.params import CandidateParams
 from models.core.tables import build_cooc_index
 from tests.unit.test_split import random_log
@@ -72,6 +73,41 @@ def test_the_cooccurrence_index_is_the_same_in_any_number_of_blocks(block_entrie
     for a, b in zip(whole, blocked, strict=True):
         np.testing.assert_array_equal(a, b)
     assert np.diff(whole[0]).max() <= 7
+
+
+def _cooc_by_hand(user: np.ndarray, item: np.ndarray, n_items: int, window: int, keep: int) -> dict[int, list]:
+    """The co-occurrence index computed another way: a dict of pair weights, pair by pair."""
+    total: dict[tuple[int, int], float] = {}
+    for p in range(len(user)):
+        for q in range(p + 1, min(p + window + 1, len(user))):
+            if user[q] == user[p] and item[q] != item[p]:
+                for a, b in ((item[p], item[q]), (item[q], item[p])):
+                    total[int(a), int(b)] = total.get((int(a), int(b)), 0.0) + 1.0 / (q - p)
+    count = np.bincount(item, minlength=n_items)
+    rows: dict[int, list] = {}
+    for (a, b), w in total.items():
+        rows.setdefault(a, []).append((-np.float32(w / np.sqrt(count[a] * count[b])), b))  # saved as float32
+    return {a: sorted(entries)[:keep] for a, entries in rows.items()}
+
+
+@pytest.mark.parametrize(("seed", "window", "keep", "repeats"), [(3, 1, 5, False), (4, 3, 7, True), (5, 10, 100, True)])
+def test_the_cooccurrence_index_equals_pair_weights_counted_by_hand(
+    seed: int, window: int, keep: int, repeats: bool
+) -> None:
+    log = random_log(seed=seed, n_users=40, max_per_user=25)
+    if repeats:  # an item again in the same timeline: pairs of an item with itself are left out
+        rng = np.random.default_rng(seed)
+        log = InteractionLog(log.user, rng.integers(0, 12, len(log)).astype(np.int32), log.ts, log.rating,
+                             log.user_ids)  # fmt: skip
+    params = CandidateParams(cooc_window=window, cooc_neighbors=keep)
+    indptr, items, scores = build_cooc_index(log, 100, params, block_entries=300)
+    expected = _cooc_by_hand(log.user, log.item, 100, window, keep)
+    assert len(expected) > 0
+    for a in range(100):
+        row = slice(indptr[a], indptr[a + 1])
+        want = expected.get(a, [])
+        assert items[row].tolist() == [b for _, b in want]
+        np.testing.assert_allclose(scores[row], [-s for s, _ in want], rtol=1e-6)
 
 
 def test_a_quantile_matrix_from_batches_holds_every_row_in_qid_order() -> None:
