@@ -23,6 +23,7 @@ from typing import Any
 
 import bentoml
 import numpy as np
+import pyarrow as pa
 import xgboost as xgb
 from tqdm import tqdm
 
@@ -39,7 +40,7 @@ from models.lifecycle.store import DEFAULT_MODEL_NAME, open_version, save_versio
 from training.datasets import DataError, Dataset
 from training.engine import Engine
 from training.groups import Groups, collect_groups, label_items
-from training.ranker import RankerParams, ranker_kwargs
+from training.ranker import Fitted, RankerParams, ranker_kwargs
 from training.report import write_report
 from training.retrieval import choose_retrieval
 from training.tracking import TrainingRun, save_registered, training_run
@@ -174,41 +175,50 @@ def all_time_order(tables: ServingTables) -> np.ndarray:
     return np.lexsort((np.arange(tables.n_items), -count)).astype(np.int32)
 
 
+# Test users whose feature rows are built and scored at once: 2,000 × 200 candidates is
+# ~50 MB of float32 rows, where all of ml-25m's 20,000 at once held ~1 GB.
+EVAL_CHUNK_USERS = 2000
+
+
 def evaluate(
     booster: xgb.Booster, tables: ServingTables, win: Window, params: CandidateParams, k: int
 ) -> Evaluation:
     """Model and baselines on the same users and the same test items."""
-    per_user: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    features: list[np.ndarray] = []
-    for j, user in enumerate(tqdm(win.label_users, desc="evaluate", leave=False, disable=None)):
-        items, cooc = generate_candidates(tables, int(user), params)
-        features.append(build_features(tables, int(user), items, cooc))
-        per_user.append((items, label_items(win, j), tables.history(int(user))))
-    matrix = np.vstack(features) if features else np.zeros((0, N_FEATURES), dtype=np.float32)
-    scores = predict_scores(booster, matrix)
-    bounds = np.cumsum([0] + [len(f) for f in features])
     model_rows, pop_rows, cooc_rows, recall = [], [], [], []
     ranked_lists: list[np.ndarray] = []
     # Popularity baseline: the most interacted-with items of all time (the model's own
     # popularity order may weigh recent counts, chosen on validation; that is the model's).
     all_time = all_time_order(tables)
-    for j, (items, relevant, seen) in enumerate(per_user):
-        deep, _ = top_k(items, scores[bounds[j] : bounds[j + 1]], max(k, RANKED_DEPTH))
-        ranked_lists.append(deep)
-        ranked = deep[:k]
-        model_rows.append(ranking_metrics(ranked, relevant, k))
-        # Co-occurrence baseline: the candidates in generation order (co-occurrence score,
-        # then popularity to fill), i.e. the list without the ranker.
-        cooc_rows.append(ranking_metrics(items[:k], relevant, k))
-        head = all_time[: k + len(seen)]
-        pop_rows.append(ranking_metrics(head[~np.isin(head, seen)][:k], relevant, k))
-        recall.append(np.isin(relevant, items).mean())
+    bar = tqdm(total=len(win.label_users), desc="evaluate", leave=False, disable=None)
+    for start in range(0, len(win.label_users), EVAL_CHUNK_USERS):
+        per_user: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        features: list[np.ndarray] = []
+        for j in range(start, min(start + EVAL_CHUNK_USERS, len(win.label_users))):
+            user = int(win.label_users[j])
+            items, cooc = generate_candidates(tables, user, params)
+            features.append(build_features(tables, user, items, cooc))
+            per_user.append((items, label_items(win, j), tables.history(user)))
+        scores = predict_scores(booster, np.vstack(features))
+        bounds = np.cumsum([0] + [len(f) for f in features])
+        del features
+        for j, (items, relevant, seen) in enumerate(per_user):
+            deep, _ = top_k(items, scores[bounds[j] : bounds[j + 1]], max(k, RANKED_DEPTH))
+            ranked_lists.append(deep)
+            model_rows.append(ranking_metrics(deep[:k], relevant, k))
+            # Co-occurrence baseline: the candidates in generation order (co-occurrence score,
+            # then popularity to fill), i.e. the list without the ranker.
+            cooc_rows.append(ranking_metrics(items[:k], relevant, k))
+            head = all_time[: k + len(seen)]
+            pop_rows.append(ranking_metrics(head[~np.isin(head, seen)][:k], relevant, k))
+            recall.append(np.isin(relevant, items).mean())
+        bar.update(len(per_user))
+    bar.close()
     metrics = {
         MODEL_KEY: mean_metrics(model_rows),
         BASELINE_POP_KEY: mean_metrics(pop_rows),
         BASELINE_COOC_KEY: mean_metrics(cooc_rows),
         "candidate_recall": float(np.mean(recall)) if recall else 0.0,
-        "test_users": len(per_user),
+        "test_users": len(model_rows),
         "k": k,
     }
     return Evaluation(metrics, win.label_users, ranked_lists)
@@ -261,9 +271,13 @@ def metrics_table(metrics: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def window_tables(win: Window, dataset: Dataset, genre_names: list[str], params: CandidateParams) -> ServingTables:
-    """The tables a window's features see: its past only."""
-    return build_tables(win.history, dataset.catalog, genre_names, params, user_history=win.user_history)
+def window_tables(
+    win: Window, dataset: Dataset, genre_names: list[str], params: CandidateParams,
+    cooc_from: ServingTables | None = None,
+) -> ServingTables:
+    """The tables a window's features see: its past only (`cooc_from`: see build_tables)."""
+    return build_tables(win.history, dataset.catalog, genre_names, params, user_history=win.user_history,
+                        cooc_from=cooc_from)  # fmt: skip
 
 
 def evaluate_version(
@@ -295,49 +309,63 @@ def _train(
     dataset: Dataset, config: TrainConfig, model_name: str, save: bool, compare_with: str | None,
     engine: Engine | None, run: TrainingRun,
 ) -> TrainResult:
+    # What reading the data left in Arrow's memory pool (1.2 GB of 1.9 resident after
+    # loading ml-25m's shape) goes back to the system before the stages that need memory.
+    pa.default_memory_pool().release_unused()
     stages = StageLog()
     log_ = dataset.log
     genre_names = dataset.catalog.genre_names()
     rng = np.random.default_rng(config.seed)
     eval_users = rng.random(log_.n_users) < config.eval_user_frac
 
-    label_windows = [window(log_, w, config.split) for w in range(1, config.n_windows + 1)]
+    # Built one at a time: a window's histories are dropped once its tables are built.
+    first_window = window(log_, 1, config.split) if config.n_windows else None
     retrieval_selection: dict[str, Any] = {"skipped": "select_retrieval is off"}
-    if config.select_retrieval and label_windows:
+    measured_tables: ServingTables | None = None  # window 1's, as retrieval measured on them
+    if config.select_retrieval and first_window is not None:
         with stages("choose retrieval (EASE λ, candidate mix) on window 1"):
-            selection = choose_retrieval(label_windows[0], dataset.catalog, genre_names, config.candidates,
+            selection = choose_retrieval(first_window, dataset.catalog, genre_names, config.candidates,
                                          config.seed)  # fmt: skip
         config, retrieval_selection = replace(config, candidates=selection.params), selection.curve
+        measured_tables = selection.tables
 
     train_groups, valid_groups = Groups(), Groups()
-    # Lean rows only where every candidate of every user would be many rows to fit.
-    full_rows = sum(int((~eval_users[w.label_users]).sum()) for w in label_windows) * (
-        config.candidates.n_cooc + config.candidates.n_ease + config.candidates.n_pop)  # fmt: skip
-    lean = engine is None and config.lean_rows and full_rows > config.rows.full_rows_budget
-    if engine is None and config.lean_rows and not lean:
-        log.info("training rows: every candidate (%d rows with every candidate, within the budget of %d)",
-                 full_rows, config.rows.full_rows_budget)  # fmt: skip
     sources: list[WindowSource] = []
-    for win in label_windows:
-        w = win.index
-        with stages(f"window {w}: tables" + ("" if lean else " and labelled candidates")):
+    for w in range(1, config.n_windows + 1):
+        win = first_window if w == 1 and first_window is not None else window(log_, w, config.split)
+        first_window = None
+        with stages(f"window {w}: tables"):
             if len(win.label_users) == 0:
                 continue
-            tables = window_tables(win, dataset, genre_names, config.candidates)
+            tables = window_tables(win, dataset, genre_names, config.candidates,
+                                   cooc_from=measured_tables if w == 1 else None)  # fmt: skip
+            measured_tables = None
             if engine is not None:  # built on the workers, kept there
                 engine.add_window(tables, win, config.candidates, eval_users, qid_base=w * log_.n_users,
                                   shuffle_seed=config.seed if config.shuffle_labels else None)  # fmt: skip
                 continue
-            if lean:  # groups are built on demand, as many as validation asks for
-                sources.append(WindowSource(tables, win, eval_users[win.label_users]))
-                continue
-            collect_groups(tables, win, config.candidates, eval_users, train_groups, valid_groups,
-                           qid_base=w * log_.n_users, shuffle=rng if config.shuffle_labels else None)  # fmt: skip
+            sources.append(WindowSource(tables, win.labels_only(), eval_users[win.label_users]))
+        del win
+    # Lean rows only where every candidate of every user would be many rows to fit.
+    full_rows = sum(int((~src.valid).sum()) for src in sources) * (
+        config.candidates.n_cooc + config.candidates.n_ease + config.candidates.n_pop)  # fmt: skip
+    lean = engine is None and config.lean_rows and full_rows > config.rows.full_rows_budget
+    if engine is None and not lean and sources:
+        if config.lean_rows:
+            log.info("training rows: every candidate (%d rows with every candidate, within the budget of %d)",
+                     full_rows, config.rows.full_rows_budget)  # fmt: skip
+        with stages("labelled candidates"):
+            for src in sources:
+                collect_groups(src.tables, src.win, config.candidates, eval_users, train_groups, valid_groups,
+                               qid_base=src.win.index * log_.n_users,
+                               shuffle=rng if config.shuffle_labels else None)  # fmt: skip
+        sources = []
     row_plan: RowPlan | None = None
+    base_fit: Fitted | None = None
     if lean and sources:
         with stages("training rows: sampling and groups chosen on validation"):
             fit_score = base_fit_scorer(config.ranker, config.k, config.seed, config.nthread)
-            train_groups, valid_groups, row_plan = choose_rows(
+            train_groups, valid_groups, row_plan, base_fit = choose_rows(
                 sources, config.candidates, config.k, config.seed, fit_score, config.rows,
                 shuffle=rng if config.shuffle_labels else None,
             )  # fmt: skip
@@ -353,7 +381,9 @@ def _train(
     with stages("tune and fit ranker" if engine is None else "labelled candidates and fit ranker on Dask"):
         if engine is None:
             tuned = tune_ranker(train_groups, valid_groups, config.ranker, config.k, config.tune_budget_s,
-                                config.seed, config.nthread, config.tune_max_trials, config.tune_significance)  # fmt: skip
+                                config.seed, config.nthread, config.tune_max_trials, config.tune_significance,
+                                base_fit)  # fmt: skip
+            base_fit = None  # its matrices: tuning was their last use
             booster, curve, best_round, ranker = tuned.booster, tuned.curve, tuned.best_round, tuned.params
             tuning = tuned.summary()
             n_train, n_valid = len(train_groups), len(valid_groups)

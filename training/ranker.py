@@ -184,6 +184,19 @@ class RankingData:
         return out
 
 
+@dataclass(frozen=True)
+class Fitted:
+    """A fit of `params` on `data`, kept for the stage after it (tuning's first trial is the
+    row search's last fit: the same groups, parameters and seed give the same booster)."""
+
+    data: RankingData
+    params: RankerParams
+    booster: xgb.Booster
+    curve: list[float]
+    best_round: int
+    seconds: float
+
+
 def fit_booster(
     data: RankingData, params: RankerParams, k: int, seed: int
 ) -> tuple[xgb.Booster, list[float], int]:

@@ -94,6 +94,9 @@ class RetrievalSearch:
 class RetrievalSelection:
     params: CandidateParams  # the input parameters with the chosen ease_l2 and mix
     curve: dict[str, Any]  # what was measured, JSON-ready (model metadata)
+    # The window's tables it measured on (no EASE index), whose co-occurrence index the
+    # window's own tables can take: the choice leaves cooc_window and cooc_neighbors as given.
+    tables: ServingTables | None = None
 
 
 @dataclass(frozen=True)
@@ -241,7 +244,7 @@ def choose_retrieval(
         "recall_without_ease": {"n_cooc": without_ease[0], "n_pop": without_ease[2], "recall": baseline},
         "seconds": round(seconds, 3),
     }
-    return RetrievalSelection(chosen, curve)
+    return RetrievalSelection(chosen, curve, tables)
 
 
 def _cooc(tables: ServingTables, users: list[_User], params: CandidateParams) -> list[NeighbourScores]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +33,7 @@ import numpy as np
 from models.core.params import CandidateParams
 from models.core.tables import ServingTables
 from training.groups import Groups, labelled_groups
-from training.ranker import RankerParams, RankingData, fit_booster
+from training.ranker import Fitted, RankerParams, RankingData, fit_booster
 from training.split import Window
 
 log = logging.getLogger("training")
@@ -167,17 +168,20 @@ def subsample(groups: Groups, sampling: RowSampling, rng: np.random.Generator) -
     return out
 
 
-# A fit of the base ranker on (train, valid) groups: the validation NDCG@k of each valid group.
-FitScore = Callable[[Groups, Groups], np.ndarray]
+# A fit of the base ranker on (train, valid) groups: the fit, and the validation NDCG@k of
+# each valid group.
+FitScore = Callable[[Groups, Groups], tuple[Fitted, np.ndarray]]
 
 
 def base_fit_scorer(base: RankerParams, k: int, seed: int, nthread: int) -> FitScore:
     """A FitScore of the base ranker parameters (early stopping on the validation groups)."""
 
-    def fit_score(train: Groups, valid: Groups) -> np.ndarray:
+    def fit_score(train: Groups, valid: Groups) -> tuple[Fitted, np.ndarray]:
+        start = time.perf_counter()
         data = RankingData(train, valid, nthread, base.max_bin)
-        booster, _, _ = fit_booster(data, base, k, seed)
-        return data.valid_group_ndcg(booster, k)
+        booster, curve, best_round = fit_booster(data, base, k, seed)
+        fitted = Fitted(data, base, booster, curve, best_round, time.perf_counter() - start)
+        return fitted, data.valid_group_ndcg(booster, k)
 
     return fit_score
 
@@ -192,9 +196,11 @@ def _gap(reference: np.ndarray, other: np.ndarray) -> tuple[float, float]:
 def choose_rows(
     sources: list[WindowSource], params: CandidateParams, k: int, seed: int, fit_score: FitScore,
     search: RowSearch = RowSearch(), shuffle: np.random.Generator | None = None,
-) -> tuple[Groups, Groups, RowPlan]:
-    """(training groups, validation groups, the plan) by the two steps of the module
-    docstring. `fit_score` fits the base ranker and scores each validation group."""
+) -> tuple[Groups, Groups, RowPlan, Fitted | None]:
+    """(training groups, validation groups, the plan, the base ranker's fit on those groups
+    when the groups grew past the pilot: the largest fit of the search, which tuning need
+    not repeat) by the two steps of the module docstring. `fit_score` fits the base ranker
+    and scores each validation group."""
     rng = np.random.default_rng([seed, 18])
     valid_pairs = _pairs(sources, valid=True)
     if len(valid_pairs) > search.max_valid_groups:
@@ -207,13 +213,13 @@ def choose_rows(
     pilot = Groups()
     build_groups(sources, params, order[:used], pilot, RowSampling(), rng, shuffle)
     if len(pilot) < 10 or len(valid) < 2:
-        return pilot, valid, RowPlan(RowSampling(), len(pilot), pilot.n_rows(), len(order), used)
+        return pilot, valid, RowPlan(RowSampling(), len(pilot), pilot.n_rows(), len(order), used), None
 
     # 1. The sampling, on the pilot.
     measured: list[tuple[RowSampling, Groups, np.ndarray]] = []
     for sampling in [RowSampling(), *(search.grid or sampling_grid(k))]:
         train = pilot if sampling.full else subsample(pilot, sampling, np.random.default_rng([seed, 19]))
-        measured.append((sampling, train, fit_score(train, valid)))
+        measured.append((sampling, train, fit_score(train, valid)[1]))  # the fits on the pilot are cheap to redo
         log.info("training rows, %s: %d rows, validation ndcg@%d %.4f", sampling.describe(), train.n_rows(), k,
                  measured[-1][2].mean())  # fmt: skip
     means = [float(scores.mean()) for _, _, scores in measured]
@@ -233,11 +239,13 @@ def choose_rows(
 
     # 2. The groups: double while doubling pays.
     groups_curve = [{"pairs": used, "groups": len(train), "rows": train.n_rows(), "ndcg": float(scores.mean())}]
+    fitted: Fitted | None = None
     while used < len(order):
         target = min(2 * used, len(order))
         build_groups(sources, params, order[used:target], train, sampling, rng, shuffle)
         used = target
-        grown = fit_score(train, valid)
+        fitted = None  # one fit's matrices alive at a time
+        fitted, grown = fit_score(train, valid)
         gain, se = _gap(grown, scores)
         groups_curve.append({"pairs": used, "groups": len(train), "rows": train.n_rows(),
                              "ndcg": float(grown.mean()), "gain": gain, "se": se})  # fmt: skip
@@ -247,4 +255,4 @@ def choose_rows(
         if gain <= search.z * se:
             break
     plan = RowPlan(sampling, len(train), train.n_rows(), len(order), used, sampling_curve, groups_curve)
-    return train, valid, plan
+    return train, valid, plan, fitted

@@ -26,7 +26,7 @@ import numpy as np
 import xgboost as xgb
 
 from training.groups import Groups
-from training.ranker import RankerParams, RankingData, fit_booster
+from training.ranker import Fitted, RankerParams, RankingData, fit_booster
 
 log = logging.getLogger("training")
 
@@ -120,6 +120,7 @@ def paired_gain(gain: np.ndarray, n_random_trials: int, significance: float) -> 
 def tune_ranker(
     train: Groups, valid: Groups, base: RankerParams, k: int, budget_s: float, seed: int,
     nthread: int = 0, max_trials: int | None = None, significance: float = DEFAULT_SIGNIFICANCE,
+    base_fit: Fitted | None = None,
 ) -> TuneResult:
     """Fit `base`, then random trials drawn with `seed`, while less than `budget_s` seconds
     have passed since the start (the first trial always runs; a trial under way is never cut,
@@ -127,7 +128,9 @@ def tune_ranker(
     `max_trials` have run. Every fit uses the XGBoost `seed` too and stops early on the
     validation groups. The top-scoring trial (the earlier of equals) is chosen if it is the
     base or its paired gain over the base passes the test of `paired_gain`; else the base.
-    `significance` 1 always chooses the top trial."""
+    `significance` 1 always chooses the top trial. `base_fit`: the base's fit on these very
+    groups, done already: its matrices are reused, it is the first trial, and its seconds
+    count in the budget as if it had run here."""
     if budget_s < 0 or not math.isfinite(budget_s):
         raise ValueError(f"tune budget_s must be a finite number >= 0, got {budget_s!r}")
     if max_trials is not None and max_trials < 1:
@@ -136,8 +139,11 @@ def tune_ranker(
         raise ValueError(f"tune significance must be in (0, 1], got {significance!r}")
     if len(valid) < 2:
         raise ValueError(f"tune needs at least 2 validation groups, got {len(valid)}")
-    start = time.perf_counter()
-    data = RankingData(train, valid, nthread, base.max_bin)
+    if base_fit is not None and base_fit.params != base:
+        raise ValueError(f"tune base_fit is a fit of {base_fit.params}, not of the base {base}")
+    # The budget counts from the base's fit, done before or here.
+    start = time.perf_counter() - (base_fit.seconds if base_fit is not None else 0.0)
+    data = RankingData(train, valid, nthread, base.max_bin) if base_fit is None else base_fit.data
     rng = np.random.default_rng(seed)
     trials: list[dict[str, Any]] = []
     fits: dict[int, tuple[xgb.Booster, list[float], int]] = {}  # the base's and the top trial's
@@ -145,11 +151,15 @@ def tune_ranker(
     params = base
     while True:
         began = time.perf_counter()
-        booster, curve, best_round = fit_booster(data, params, k, seed)
+        if not trials and base_fit is not None:
+            booster, curve, best_round, seconds = base_fit.booster, base_fit.curve, base_fit.best_round, base_fit.seconds
+        else:
+            booster, curve, best_round = fit_booster(data, params, k, seed)
+            seconds = time.perf_counter() - began
         score = curve[best_round]
         trials.append({
             "params": asdict(params), "score": score, "rounds": best_round + 1,
-            "trained_rounds": len(curve), "seconds": round(time.perf_counter() - began, 3),
+            "trained_rounds": len(curve), "seconds": round(seconds, 3),
         })  # fmt: skip
         index = len(trials) - 1
         log.debug("trial %d: ndcg@%d %.4f at round %d (%s)", index, k, score, best_round, params)

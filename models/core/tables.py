@@ -238,11 +238,13 @@ def user_profiles(
     user_year = _per_user_mean(user[known_year], years[item][known_year], n_users, UNKNOWN_YEAR)
     user_pop = _per_user_mean(user, item_log_pop.astype(np.float64)[item], n_users, 0.0)
     user_feats = np.column_stack([np.log1p(user_count), user_pop, user_year]).astype(np.float32)
-    user_genre = np.zeros((n_users, item_genre.shape[1]), dtype=np.float32)
-    # Add genre rows per user in chunks: one (rows, G) temporary at a time, not the whole log.
-    chunk = 1_000_000
-    for start in range(0, len(user), chunk):
-        np.add.at(user_genre, user[start : start + chunk], item_genre[item[start : start + chunk]])
+    from scipy import sparse  # training only: serving imports this module, never this function
+
+    # The sum of each user's item genre rows, as (users × items counts) @ item_genre: no
+    # (rows, G) temporary of the whole log (np.add.at over 1M-row chunks took 4x as long).
+    counts = sparse.csr_matrix((np.ones(len(user), dtype=np.float32), (user, item)),
+                               shape=(n_users, item_genre.shape[0]))  # fmt: skip
+    user_genre = np.asarray(counts @ item_genre, dtype=np.float32)
     norms = np.linalg.norm(user_genre, axis=1, keepdims=True)
     user_genre = np.divide(user_genre, norms, out=np.zeros_like(user_genre), where=norms > 0)
     return user_feats, user_genre
@@ -267,12 +269,14 @@ def one_user_profile(
 
 def build_tables(
     history: InteractionLog, catalog: ItemCatalog, genre_names: list[str], params: CandidateParams,
-    user_history: InteractionLog | None = None,
+    user_history: InteractionLog | None = None, cooc_from: ServingTables | None = None,
 ) -> ServingTables:
     """Build every serving table from the past of what is predicted: item-side tables
     (popularity, co-occurrence, item features) from `history`, user-side ones (histories,
     user features) from `user_history` (default: the same log), which may add each user's own
-    recent interactions."""
+    recent interactions. `cooc_from`: tables built from the same `history` with the same
+    cooc_window and cooc_neighbors, whose co-occurrence index is taken as it is (the
+    costliest table: 48 s at ml-25m's size)."""
     users_log = history if user_history is None else user_history
     n_items, n_users = catalog.n_items, users_log.n_users
     item = history.item
@@ -291,7 +295,10 @@ def build_tables(
     user_feats, user_genre = user_profiles(user, item, n_users, np.log1p(count), years, item_genre)
 
     hist_indptr = np.concatenate(([0], np.cumsum(user_count.astype(np.int64)))).astype(np.int64)
-    cooc_indptr, cooc_items, cooc_scores = build_cooc_index(history, n_items, params)
+    if cooc_from is None:
+        cooc_indptr, cooc_items, cooc_scores = build_cooc_index(history, n_items, params)
+    else:
+        cooc_indptr, cooc_items, cooc_scores = cooc_from.cooc_indptr, cooc_from.cooc_items, cooc_from.cooc_scores
     ease_indptr, ease_items, ease_weights = build_ease_index(history, n_items, params)
     return ServingTables(
         item_ids=catalog.item_ids,

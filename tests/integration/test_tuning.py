@@ -18,7 +18,7 @@ import pytest
 from tests.helpers import small_synthetic
 from training.groups import Groups, collect_groups
 from training.pipeline import TrainConfig, train, window_tables
-from training.ranker import RankerParams, RankingData, fit_booster, fit_ranker
+from training.ranker import Fitted, RankerParams, RankingData, fit_booster, fit_ranker
 from training.split import SplitConfig, window
 from training.tuning import DEFAULT_SIGNIFICANCE, TuneResult, sample_params, tune_ranker
 
@@ -66,6 +66,23 @@ def test_a_fit_on_the_shared_matrices_equals_the_sklearn_fit(groups: tuple[Group
     assert (shared_curve, shared_best) == (sklearn_curve, sklearn_best)
     x, _, _ = groups[1].arrays()
     np.testing.assert_array_equal(shared.inplace_predict(x), sklearn.inplace_predict(x))
+
+
+def test_a_base_fit_done_before_is_the_first_trial_and_changes_nothing_else(
+    groups: tuple[Groups, Groups], five_trials: TuneResult
+) -> None:
+    data = RankingData(*groups, nthread=1)
+    booster, curve, best = fit_booster(data, BASE, K, SEED)
+    reused = tune_ranker(*groups, BASE, K, 3600, SEED, nthread=1, max_trials=5, significance=1.0,
+                         base_fit=Fitted(data, BASE, booster, curve, best, 0.0))  # fmt: skip
+    assert [t["score"] for t in reused.trials] == [t["score"] for t in five_trials.trials]
+    assert reused.trials[0]["seconds"] == 0.0  # not fitted again
+    assert (reused.chosen_trial, reused.best_round) == (five_trials.chosen_trial, five_trials.best_round)
+    spent = tune_ranker(*groups, BASE, K, 3600, SEED, nthread=1, base_fit=Fitted(data, BASE, booster, curve, best, 7200.0))
+    assert len(spent.trials) == 1  # the base's own seconds count in the budget
+    with pytest.raises(ValueError, match="base_fit is a fit of"):
+        tune_ranker(*groups, BASE, K, 0, SEED, nthread=1,
+                    base_fit=Fitted(data, dataclasses.replace(BASE, max_depth=2), booster, curve, best, 0.0))  # fmt: skip
 
 
 def test_a_budget_of_zero_fits_the_base_parameters_only(groups: tuple[Groups, Groups]) -> None:

@@ -248,8 +248,14 @@ def test_choice_on_validation_is_the_best_measured(synthetic_dataset: Dataset) -
     combos = {(r["recent_items"], r["recency_decay"], r["ease_history"]) for r in curve["recency"]}
     assert len(combos) == len(curve["recency"]) == (
         len(search.recent_items) * len(search.recency_decays) * len(search.ease_histories))  # fmt: skip
-    # Everything else is kept.
+    # Everything else is kept, so the window's tables may take the co-occurrence index measured on.
     assert chosen.params.cooc_neighbors == params.cooc_neighbors and chosen.params.cooc_window == params.cooc_window
+    assert chosen.tables is not None
+    fresh = build_tables(win.history, cat, cat.genre_names(), chosen.params, user_history=win.user_history)
+    reused = build_tables(win.history, cat, cat.genre_names(), chosen.params, user_history=win.user_history,
+                          cooc_from=chosen.tables)  # fmt: skip
+    for name in ("cooc_indptr", "cooc_items", "cooc_scores", "ease_items", "pop_order", "item_feats"):
+        np.testing.assert_array_equal(getattr(reused, name), getattr(fresh, name), err_msg=name)
 
 
 @pytest.mark.parametrize(("trend", "expected_first"), [(0.0, 0), (1.0, 1)])
