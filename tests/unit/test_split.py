@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from models.core.interactions import InteractionLog, ItemCatalog, build_log
 from models.core.params import CandidateParams
 from models.core.tables import build_tables
-from training.split import SplitConfig, cutoff_time, holdout_sizes, window
+from training.split import SplitConfig, SplitKind, cutoff_time, holdout_sizes, window
 
 N_ITEMS = 100
 CATALOG = ItemCatalog(
@@ -142,3 +142,14 @@ def test_temporal_split_gives_new_users_an_online_history() -> None:
         assert (test.user_history.user == user).sum() == int(np.floor(18 * config.online_frac))
     with pytest.raises(ValueError, match="reach past the first interaction"):
         window(log, 9, config)
+
+
+@pytest.mark.parametrize("kind", ["temporal", "per_user"])
+def test_a_window_kept_as_labels_has_the_same_labels_and_no_histories(kind: SplitKind) -> None:
+    win = window(random_log(3, 40, 30), 1, SplitConfig(kind=kind))
+    kept = win.labels_only()
+    assert len(win.history) > 0 and len(kept.history) == len(kept.user_history) == 0
+    for name in ("label_users", "label_indptr", "label_items"):
+        np.testing.assert_array_equal(getattr(kept, name), getattr(win, name))
+    assert (kept.index, kept.cutoff) == (win.index, win.cutoff)
+    np.testing.assert_array_equal(kept.history.user_ids, win.history.user_ids)  # the user index space stays
