@@ -229,9 +229,10 @@ def user_profiles(
     item_genre: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per user, the user features (USER_FEATURES order, float32 (n_users, 3)) and the unit
-    genre profile (float32 (n_users, G)) of the interactions (user[j], item[j]). Training
-    calls it on the whole log, serving on one merged history (user all 0, n_users 1), so the
-    two compute them alike. `item_log_pop` and `item_year` are per catalog item."""
+    genre profile (float32 (n_users, G)) of the interactions (user[j], item[j]), for the
+    tables training builds; serving computes one user's with `one_user_profile`, the same
+    arithmetic (tests/unit/test_merged_history.py). `item_log_pop` and `item_year` are per
+    catalog item."""
     user_count = np.bincount(user, minlength=n_users).astype(np.float64)
     years = item_year.astype(np.float64)
     known_year = years[item] >= 0
