@@ -219,7 +219,8 @@ def choose_rows(
     measured: list[tuple[RowSampling, Groups, np.ndarray]] = []
     for sampling in [RowSampling(), *(search.grid or sampling_grid(k))]:
         train = pilot if sampling.full else subsample(pilot, sampling, np.random.default_rng([seed, 19]))
-        measured.append((sampling, train, fit_score(train, valid)[1]))  # scores only: tuning never starts from a pilot
+        # Scores only: tuning never starts from a pilot's fit.
+        measured.append((sampling, train, fit_score(train, valid)[1]))
         log.info("training rows, %s: %d rows, validation ndcg@%d %.4f", sampling.describe(), train.n_rows(), k,
                  measured[-1][2].mean())  # fmt: skip
     means = [float(scores.mean()) for _, _, scores in measured]

@@ -152,7 +152,8 @@ def tune_ranker(
     while True:
         began = time.perf_counter()
         if not trials and base_fit is not None:
-            booster, curve, best_round, seconds = base_fit.booster, base_fit.curve, base_fit.best_round, base_fit.seconds
+            booster, curve, best_round = base_fit.booster, base_fit.curve, base_fit.best_round
+            seconds = base_fit.seconds
         else:
             booster, curve, best_round = fit_booster(data, params, k, seed)
             seconds = time.perf_counter() - began

@@ -155,7 +155,7 @@ def build_cooc_index(
     user, item = history.user, history.item
     window = min(params.cooc_window, max(len(user) - 1, 0))
     item_count = np.bincount(item, minlength=n_items).astype(np.float64)
-    empty = (np.zeros(n_items + 1, dtype=np.int64), np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.float32))
+    empty = (np.zeros(n_items + 1, dtype=np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32))
     if window == 0 or n_items == 0:
         return empty
     # Entries per source item are at most 2 × window × its count: blocks cut on that bound.
@@ -174,7 +174,8 @@ def build_cooc_index(
     scores: list[np.ndarray] = []
     for lo, hi in zip(edges[:-1].tolist(), edges[1:].tolist()):
         at = by_item[item_starts[lo] : item_starts[hi]] + window  # this block's log positions, padded
-        src = np.repeat(np.arange(hi - lo, dtype=np.int64), item_count[lo:hi].astype(np.int64))  # item[at] - lo
+        # item[at] - lo, known from the sort: no gather
+        src = np.repeat(np.arange(hi - lo, dtype=np.int64), item_count[lo:hi].astype(np.int64))
         # One row per position, one column per step: src stays ascending when flattened.
         other = at[:, None] + steps[None, :]
         dst = item_pad[other]
@@ -299,7 +300,8 @@ def build_tables(
     if cooc_from is None:
         cooc_indptr, cooc_items, cooc_scores = build_cooc_index(history, n_items, params)
     else:
-        cooc_indptr, cooc_items, cooc_scores = cooc_from.cooc_indptr, cooc_from.cooc_items, cooc_from.cooc_scores
+        cooc_indptr, cooc_items, cooc_scores = (cooc_from.cooc_indptr, cooc_from.cooc_items,
+                                                cooc_from.cooc_scores)  # fmt: skip
     ease_indptr, ease_items, ease_weights = build_ease_index(history, n_items, params)
     return ServingTables(
         item_ids=catalog.item_ids,

@@ -78,11 +78,12 @@ def test_a_base_fit_done_before_is_the_first_trial_and_changes_nothing_else(
     assert [t["score"] for t in reused.trials] == [t["score"] for t in five_trials.trials]
     assert reused.trials[0]["seconds"] == 0.0  # not fitted again
     assert (reused.chosen_trial, reused.best_round) == (five_trials.chosen_trial, five_trials.best_round)
-    spent = tune_ranker(*groups, BASE, K, 3600, SEED, nthread=1, base_fit=Fitted(data, BASE, booster, curve, best, 7200.0))
+    spent = tune_ranker(*groups, BASE, K, 3600, SEED, nthread=1,
+                        base_fit=Fitted(data, BASE, booster, curve, best, 7200.0))  # fmt: skip
     assert len(spent.trials) == 1  # the base's own seconds count in the budget
     with pytest.raises(ValueError, match="base_fit is a fit of"):
-        tune_ranker(*groups, BASE, K, 0, SEED, nthread=1,
-                    base_fit=Fitted(data, dataclasses.replace(BASE, max_depth=2), booster, curve, best, 0.0))  # fmt: skip
+        other = dataclasses.replace(BASE, max_depth=2)
+        tune_ranker(*groups, BASE, K, 0, SEED, nthread=1, base_fit=Fitted(data, other, booster, curve, best, 0.0))
 
 
 def test_a_budget_of_zero_fits_the_base_parameters_only(groups: tuple[Groups, Groups]) -> None:

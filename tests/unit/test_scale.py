@@ -75,7 +75,9 @@ def test_the_cooccurrence_index_is_the_same_in_any_number_of_blocks(block_entrie
     assert np.diff(whole[0]).max() <= 7
 
 
-def _cooc_by_hand(user: np.ndarray, item: np.ndarray, n_items: int, window: int, keep: int) -> dict[int, list]:
+def _cooc_by_hand(
+    user: np.ndarray, item: np.ndarray, n_items: int, window: int, keep: int
+) -> dict[int, list[tuple[float, int]]]:
     """The co-occurrence index computed another way: a dict of pair weights, pair by pair."""
     total: dict[tuple[int, int], float] = {}
     for p in range(len(user)):
@@ -84,13 +86,15 @@ def _cooc_by_hand(user: np.ndarray, item: np.ndarray, n_items: int, window: int,
                 for a, b in ((item[p], item[q]), (item[q], item[p])):
                     total[int(a), int(b)] = total.get((int(a), int(b)), 0.0) + 1.0 / (q - p)
     count = np.bincount(item, minlength=n_items)
-    rows: dict[int, list] = {}
+    rows: dict[int, list[tuple[float, int]]] = {}
     for (a, b), w in total.items():
         rows.setdefault(a, []).append((-np.float32(w / np.sqrt(count[a] * count[b])), b))  # saved as float32
     return {a: sorted(entries)[:keep] for a, entries in rows.items()}
 
 
-@pytest.mark.parametrize(("seed", "window", "keep", "repeats"), [(3, 1, 5, False), (4, 3, 7, True), (5, 10, 100, True)])
+@pytest.mark.parametrize(
+    ("seed", "window", "keep", "repeats"), [(3, 1, 5, False), (4, 3, 7, True), (5, 10, 100, True)]
+)
 def test_the_cooccurrence_index_equals_pair_weights_counted_by_hand(
     seed: int, window: int, keep: int, repeats: bool
 ) -> None:
